@@ -61,6 +61,9 @@ class Task:
                 "demos": [list(d) for d in self.demos], "fingerprint": self.fingerprint()}
 
 
+# Eight demonstrations, alternating and ending on a negative one: SmolLM2-135M leans "positive"
+# and copies the most recent demo; this order measured 84.5% on 200 SST-2 dev items vs 61% with
+# four demos (every demo here is written for this project, none comes from SST-2).
 SENTIMENT = Task(
     name="sentiment",
     labels=("negative", "positive"),
@@ -68,10 +71,14 @@ SENTIMENT = Task(
     instruction="Classify the sentiment of each review as positive or negative.",
     template="Review: {text}\nSentiment:",
     demos=(
-        ("The staff were rude and the room smelled of smoke.", "negative"),
         ("An absolute delight from start to finish, I would go again tomorrow.", "positive"),
-        ("It broke after two days and support never answered.", "negative"),
+        ("The staff were rude and the room smelled of smoke.", "negative"),
         ("Sharp writing, warm performances, and a great soundtrack.", "positive"),
+        ("It broke after two days and support never answered.", "negative"),
+        ("funny, moving and beautifully shot", "positive"),
+        ("a dull, plodding mess that wastes a talented cast", "negative"),
+        ("the best meal we have had all year", "positive"),
+        ("I wanted my money back after twenty minutes.", "negative"),
     ),
 )
 

@@ -1,0 +1,225 @@
+"""The early-exit engine: run a block of prompts layer by layer, each item stopping at its own depth.
+
+Depth regrouping. In-flight items wait in per-depth queues: queue[k] holds items whose next layer
+is k. Each step runs the fullest queue (ties: the deepest, to finish items and free memory) on as
+many of its items as fit a token budget, shortest first to cut padding. After the layer, the
+exit policy reads each item's features; items that stop leave, the rest move to queue[k+1], and
+new items are admitted to queue[0] while fewer than `max_inflight` are in flight. So every layer
+runs on a batch of items that all need that layer, and no exited item is ever carried.
+
+An item's result depends only on the item: each row of a batch is computed independently (right
+padding under a causal mask never lets a real token see a pad), which tests check by running the
+same items with batch sizes 1, 8, N and in shuffled order.
+
+Shared prefix. With `reuse_prefix`, the few-shot prefix runs once per engine (per actor); its keys
+and values per layer are cached and every item runs only its own tokens, attending to them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from adainfer_ray.features import ExitFeatures, top2
+from adainfer_ray.flops import ModelDims, item_flops
+from adainfer_ray.policy import ExitPolicy
+
+
+@dataclass
+class _Item:
+    index: int  # position in the caller's list
+    ids: torch.Tensor  # [T] the item's tokens (with the prefix prepended when it is not reused)
+    audit: bool  # keep running to full depth after exiting, to record the full-depth answer
+    h: torch.Tensor | None = None  # [T, D] hidden state after the layers run so far
+    done: bool = False  # its answer is recorded
+
+
+class EarlyExitEngine:
+    def __init__(self, lm, label_token_ids: list[int], policy: ExitPolicy | None = None,
+                 prefix_ids: list[int] | None = None, reuse_prefix: bool = True, regroup: bool = True,
+                 max_batch_tokens: int | None = None, max_inflight: int | None = None):
+        self.lm = lm
+        self.L = lm.num_layers
+        self.policy = policy or ExitPolicy.full_depth(self.L)
+        if self.policy.never_exits:
+            self.policy.num_layers_ = self.L
+        self.features = ExitFeatures(lm, label_token_ids, self.policy.features, self.policy.probes_)
+        self.num_labels = len(label_token_ids)
+        self.prefix_ids = list(prefix_ids or [])
+        self.reuse_prefix = reuse_prefix and len(self.prefix_ids) > 0
+        self.regroup = regroup
+        self.max_batch_tokens = max_batch_tokens or (16384 if lm.device.type == "cuda" else 2048)
+        self.max_inflight = max_inflight
+        self.dims = ModelDims.from_config(lm.config)
+        self.prefix_kv = self._prefix_cache() if self.reuse_prefix else None
+
+    # -- the model side ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _prefix_cache(self):
+        """Keys and values of the shared prefix at every layer: L pairs of [1, Hkv, P, d]."""
+        ids = torch.tensor([self.prefix_ids], device=self.lm.device)
+        pos = torch.arange(ids.shape[1], device=ids.device)[None]
+        h, cache = self.lm.embed(ids, pos), []
+        for i in range(self.L):
+            h, kv = self.lm.layer(i, h, pos, return_kv=True)
+            cache.append(kv)
+        return cache
+
+    @torch.no_grad()
+    def _run_layer(self, k: int, items: list[_Item]) -> torch.Tensor:
+        """Run layer k on `items` (each at depth k); update their hidden states; return last-token states [B, D]."""
+        lens = [len(it.ids) for it in items]
+        B, T = len(items), max(lens)
+        dev = self.lm.device
+        offset = len(self.prefix_ids) if self.reuse_prefix else 0
+        pos = (offset + torch.arange(T, device=dev)).expand(B, T)
+        if k == 0:
+            ids = torch.zeros(B, T, dtype=torch.long, device=dev)  # right padding; pads are never attended to
+            for b, it in enumerate(items):
+                ids[b, : lens[b]] = it.ids
+            h = self.lm.embed(ids, pos)
+        else:
+            h = items[0].h.new_zeros(B, T, items[0].h.shape[-1])
+            for b, it in enumerate(items):
+                h[b, : lens[b]] = it.h
+        h = self.lm.layer(k, h, pos, self.prefix_kv[k] if self.reuse_prefix else None)  # [B, T, D]
+        for b, it in enumerate(items):
+            it.h = h[b, : lens[b]]
+        return h[torch.arange(B, device=dev), torch.tensor(lens, device=dev) - 1]
+
+    # -- scheduling --------------------------------------------------------------------------------
+
+    def _take(self, queue: list[_Item]) -> list[_Item]:
+        """The shortest items of `queue` that fit the token budget (padded B x T), at least one."""
+        queue.sort(key=lambda it: len(it.ids))
+        n = 1
+        while n < len(queue) and (n + 1) * len(queue[n].ids) <= self.max_batch_tokens:
+            n += 1
+        batch = queue[:n]
+        del queue[:n]
+        return batch
+
+    @torch.no_grad()
+    def classify(self, item_ids: list[list[int]], audit: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Label every item. item_ids: each item's own tokens (the shared prefix is added here).
+        audit[i] = True runs item i on to full depth after it exits, to record `full_label`.
+
+        Returns arrays [N]: label, label_score, exit_layer, full_label (-1 unless audited),
+        num_tokens, flops_used, flops_full, flops_full_reuse."""
+        N = len(item_ids)
+        self.out = {"label": np.full(N, -1, np.int32), "label_score": np.zeros(N, np.float32),
+                    "exit_layer": np.zeros(N, np.int32), "full_label": np.full(N, -1, np.int32)}
+        audit = np.zeros(N, bool) if audit is None else np.asarray(audit, bool)
+        prefix = [] if self.reuse_prefix else self.prefix_ids
+        items = [_Item(i, torch.tensor(prefix + list(ids), device=self.lm.device), bool(audit[i]))
+                 for i, ids in enumerate(item_ids)]
+        if N:
+            (self._schedule_regrouped if self.regroup else self._schedule_fixed)(items)
+        return self._with_flops(self.out, [len(x) for x in item_ids])
+
+    def _schedule_regrouped(self, items: list[_Item]):
+        pending = sorted(items, key=lambda it: len(it.ids), reverse=True)  # pop() gives the shortest
+        queues: list[list[_Item]] = [[] for _ in range(self.L)]
+        cap = self.max_inflight or len(items)
+        inflight = 0
+        while pending or inflight:
+            while pending and inflight < cap:
+                queues[0].append(pending.pop())
+                inflight += 1
+            k = max(range(self.L), key=lambda j: (len(queues[j]), j))
+            batch = self._take(queues[k])
+            survivors = self._step(k, batch)
+            if k + 1 < self.L:
+                queues[k + 1].extend(survivors)
+            inflight -= len(batch) - len(survivors)
+            for it in batch:
+                if it.done and not (it.audit and k + 1 < self.L):
+                    it.h = None  # it left: free its activations
+
+    def _schedule_fixed(self, items: list[_Item]):
+        """The usual early-exit batching, kept as a baseline: a batch runs until its last item exits,
+        exited items riding along (computed, then ignored)."""
+        queue = list(items)
+        while queue:
+            batch = self._take(queue)
+            for k in range(self.L):
+                if not self._step(k, batch):
+                    break
+
+    def _step(self, k: int, batch: list[_Item]) -> list[_Item]:
+        """Run layer k, record the answers of items that stop, return the items that go on."""
+        h_last = self._run_layer(k, batch)
+        layers_run = k + 1
+        if layers_run == self.L:  # the model's own answer
+            label, score = self.features.answer(h_last)
+            self._record(batch, layers_run, label, score, final=True)
+            return []
+        live = [b for b, it in enumerate(batch) if not it.done]
+        if live and self.policy.asks_at(layers_run):
+            label, top, gap, score = self.features(k, h_last[live])
+            stop = self.policy.exit_mask(layers_run, top.cpu().numpy(), gap.cpu().numpy())
+            if stop.any():
+                self._record([batch[live[j]] for j in np.flatnonzero(stop)], layers_run,
+                             label[torch.from_numpy(stop).to(label.device)], score[torch.from_numpy(stop).to(score.device)])
+        return [it for it in batch if not it.done or it.audit]
+
+    def _record(self, items: list[_Item], layers_run: int, label, score, final: bool = False):
+        label, score = label.cpu().numpy(), score.float().cpu().numpy()
+        for j, it in enumerate(items):
+            if not it.done:
+                self.out["label"][it.index] = label[j]
+                self.out["label_score"][it.index] = score[j]
+                self.out["exit_layer"][it.index] = layers_run
+                it.done = True
+            if final and it.audit:
+                self.out["full_label"][it.index] = label[j]
+
+    def _with_flops(self, out: dict, item_lens: list[int]) -> dict[str, np.ndarray]:
+        P = len(self.prefix_ids)
+        mode = "none" if self.policy.never_exits else self.policy.features
+        flops = [item_flops(self.dims, P, n, int(e), mode, self.num_labels, self.policy.min_layer, self.reuse_prefix)
+                 for n, e in zip(item_lens, out["exit_layer"])]
+        out["num_tokens"] = np.array([P + n for n in item_lens], np.int32)
+        for key in ("used", "full", "full_reuse"):
+            out["flops_" + key] = np.array([f[key] for f in flops], np.float64)
+        return out
+
+    # -- calibration -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def trace(self, item_ids: list[list[int]]) -> dict[str, np.ndarray]:
+        """Run every item to full depth and keep every layer's exit features, for calibration.
+
+        Returns hidden [n, L, D] (final-normed last-token states, float16), for mode in (vocab,
+        label): {mode}_label, {mode}_top, {mode}_gap [n, L]; and final_label [n]."""
+        n, L = len(item_ids), self.L
+        rec = {"hidden": None, "final_label": np.zeros(n, np.int32)}
+        for mode in ("vocab", "label"):
+            rec.update({f"{mode}_label": np.zeros((n, L), np.int32), f"{mode}_top": np.zeros((n, L), np.float32),
+                        f"{mode}_gap": np.zeros((n, L), np.float32)})
+        prefix = [] if self.reuse_prefix else self.prefix_ids
+        queue = [_Item(i, torch.tensor(prefix + list(ids), device=self.lm.device), False) for i, ids in enumerate(item_ids)]
+        label_ids = self.features.label_ids
+        while queue:
+            batch = self._take(queue)
+            idx = np.array([it.index for it in batch])
+            for k in range(L):
+                x = self.lm.final_norm(self._run_layer(k, batch))  # [B, D]
+                if rec["hidden"] is None:
+                    rec["hidden"] = np.zeros((n, L, x.shape[-1]), np.float16)
+                rec["hidden"][idx, k] = x.float().cpu().numpy()
+                logits = self.lm.head(x).float()
+                _, top, gap = top2(torch.softmax(logits, -1))
+                lab, _, _ = top2(torch.softmax(logits[:, label_ids], -1))
+                rec["vocab_label"][idx, k], rec["vocab_top"][idx, k], rec["vocab_gap"][idx, k] = \
+                    lab.cpu().numpy(), top.cpu().numpy(), gap.cpu().numpy()
+                lab, top, gap = top2(torch.softmax(self.lm.head_rows(x, label_ids).float(), -1))
+                rec["label_label"][idx, k], rec["label_top"][idx, k], rec["label_gap"][idx, k] = \
+                    lab.cpu().numpy(), top.cpu().numpy(), gap.cpu().numpy()
+            rec["final_label"][idx] = rec["label_label"][idx, L - 1]
+            for it in batch:
+                it.h = None
+        return rec

@@ -1,0 +1,187 @@
+"""The exit policy: after each layer, should this item stop here?
+
+An SVM (as in AdaInfer) reads three numbers per item and layer, [top_prob, gap, depth] with depth
+= layers run / L, and is trained on "this layer's answer equals the full-depth answer". An item
+stops after layer l (1-based) when l >= min_layer and the SVM's decision value >= threshold. The
+threshold is chosen at calibration (see calibrate.py) to meet a stated agreement guarantee.
+
+Artifacts are data: a folder with `policy.json` (settings, metadata) and `arrays.safetensors`
+(support vectors, coefficients, probe weights). Loading one never executes code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from adainfer_ray.features import FEATURE_MODES, LinearProbes
+
+POLICY_JSON, POLICY_ARRAYS = "policy.json", "arrays.safetensors"
+FORMAT_VERSION = 1
+
+
+class PolicyError(ValueError):
+    pass
+
+
+def exit_inputs(top_prob, gap, layers_run, num_layers):
+    """The SVM's input rows [n, 3]: top-1 probability, top-1 minus top-2, relative depth."""
+    depth = np.broadcast_to(np.asarray(layers_run, dtype=np.float64) / num_layers, np.shape(top_prob))
+    return np.stack([np.asarray(top_prob, np.float64), np.asarray(gap, np.float64), depth], axis=-1)
+
+
+class ExitPolicy:
+    """Features -> stop/continue. `fit` on per-layer features of a calibration sample; `exit_mask` in the engine."""
+
+    def __init__(self, features: str = "probe", kernel: str = "rbf", C: float = 1.0, gamma: float | str = "scale",
+                 min_layer: int = 1, threshold: float = 0.0, max_train: int = 6000, random_state: int = 0):
+        if features not in FEATURE_MODES + ("none",):
+            raise PolicyError(f"unknown feature mode {features!r}: choose from {FEATURE_MODES}")
+        if kernel not in ("rbf", "linear"):
+            raise PolicyError("kernel must be 'rbf' or 'linear'")
+        self.features, self.kernel, self.C, self.gamma = features, kernel, C, gamma
+        self.min_layer, self.threshold = min_layer, threshold
+        self.max_train, self.random_state = max_train, random_state
+        self.probes_: LinearProbes | None = None
+        self.metadata: dict = {}
+
+    @classmethod
+    def full_depth(cls, num_layers: int | None = None) -> "ExitPolicy":
+        """The baseline: never stop early."""
+        policy = cls(features="none")
+        policy.num_layers_ = num_layers
+        return policy
+
+    @property
+    def never_exits(self) -> bool:
+        return self.features == "none"
+
+    # -- learning -------------------------------------------------------------------------------
+
+    def fit(self, top_prob: np.ndarray, gap: np.ndarray, agrees: np.ndarray) -> "ExitPolicy":
+        """top_prob, gap, agrees: [n, L] per item and layer (the last column, layer L, is ignored:
+        there the answer is the full-depth answer by definition). agrees[i, l] = layer l+1's label
+        equals item i's full-depth label."""
+        from sklearn.svm import SVC
+
+        n, L = top_prob.shape
+        layers_run = np.arange(1, L + 1)
+        X = exit_inputs(top_prob, gap, layers_run, L)[:, self.min_layer - 1: L - 1].reshape(-1, 3)
+        y = agrees[:, self.min_layer - 1: L - 1].reshape(-1).astype(int)
+        rng = np.random.default_rng(self.random_state)
+        if len(y) > self.max_train:  # an RBF SVM is quadratic in its sample: a random subset is plenty for 3 features
+            keep = rng.choice(len(y), self.max_train, replace=False)
+            X, y = X[keep], y[keep]
+        self.num_layers_ = L
+        if len(np.unique(y)) < 2:  # every layer always agrees (or never does): a constant decision
+            self.intercept_ = np.array([1.0 if y[0] == 1 else -1.0])
+            self.kernel_, self.vectors_, self.dual_ = "constant", np.zeros((0, 3)), np.zeros(0)
+            return self
+        svm = SVC(kernel=self.kernel, C=self.C, gamma=self.gamma).fit(X, y)
+        self.kernel_ = self.kernel
+        self.intercept_ = svm.intercept_.astype(np.float64)
+        if self.kernel == "linear":
+            self.vectors_, self.dual_ = svm.coef_.astype(np.float64), np.ones(1)
+        else:
+            self.vectors_, self.dual_ = svm.support_vectors_.astype(np.float64), svm.dual_coef_[0].astype(np.float64)
+        self.gamma_ = float(svm._gamma)
+        return self
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """X [..., 3] -> SVM decision values [...]: > 0 leans "this layer already agrees"."""
+        X = np.asarray(X, np.float64)
+        flat = X.reshape(-1, 3)
+        if self.kernel_ == "constant":
+            out = np.full(len(flat), self.intercept_[0])
+        elif self.kernel_ == "linear":
+            out = flat @ self.vectors_[0] + self.intercept_[0]
+        else:  # sum_j dual_j * exp(-gamma * |x - sv_j|^2) + b
+            d2 = (flat**2).sum(1)[:, None] - 2 * flat @ self.vectors_.T + (self.vectors_**2).sum(1)[None, :]
+            out = np.exp(-self.gamma_ * np.maximum(d2, 0)) @ self.dual_ + self.intercept_[0]
+        return out.reshape(X.shape[:-1])
+
+    # -- use ------------------------------------------------------------------------------------
+
+    def exit_mask(self, layers_run: int, top_prob: np.ndarray, gap: np.ndarray) -> np.ndarray:
+        """Which of the items that just ran `layers_run` layers stop now (never at the last layer:
+        there every item stops with the model's own answer)."""
+        n = len(top_prob)
+        if self.never_exits or layers_run < self.min_layer or layers_run >= self.num_layers_:
+            return np.zeros(n, dtype=bool)
+        return self.decision_function(exit_inputs(top_prob, gap, layers_run, self.num_layers_)) >= self.threshold
+
+    def asks_at(self, layers_run: int) -> bool:
+        """Does the policy look at features after this many layers? (else the engine skips them)"""
+        return not self.never_exits and self.min_layer <= layers_run < self.num_layers_
+
+    # -- artifacts ------------------------------------------------------------------------------
+
+    def save(self, folder) -> Path:
+        from safetensors.numpy import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays, settings = {}, {
+            "format_version": FORMAT_VERSION, "features": self.features, "kernel": self.kernel,
+            "C": self.C, "gamma": self.gamma, "min_layer": self.min_layer, "threshold": float(self.threshold),
+            "num_layers": self.num_layers_, "metadata": self.metadata,
+        }
+        if not self.never_exits:
+            settings.update(kernel_=self.kernel_, gamma_=getattr(self, "gamma_", None))
+            arrays.update(vectors=self.vectors_, dual=self.dual_, intercept=self.intercept_)
+        if self.probes_ is not None:
+            arrays.update(probe_coef=self.probes_.coef_, probe_intercept=self.probes_.intercept_)
+        (folder / POLICY_JSON).write_text(json.dumps(settings, indent=2, default=_jsonable))
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(folder / POLICY_ARRAYS))
+        return folder
+
+    @classmethod
+    def load(cls, path) -> "ExitPolicy":
+        """Load a policy folder (or its policy.json). Plain JSON + safetensors: no code runs."""
+        from safetensors.numpy import load_file
+
+        folder = Path(path)
+        folder = folder.parent if folder.name == POLICY_JSON else folder
+        try:
+            settings = json.loads((folder / POLICY_JSON).read_text())
+            arrays = load_file(str(folder / POLICY_ARRAYS)) if (folder / POLICY_ARRAYS).exists() else {}
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise PolicyError(f"cannot read exit policy at {path}: {e}. "
+                              "Pass a folder written by jobs/calibrate.py, `default`, or `full`.") from e
+        if settings.get("format_version") != FORMAT_VERSION:
+            raise PolicyError(f"{path}: policy format {settings.get('format_version')!r}, expected {FORMAT_VERSION}")
+        policy = cls(features=settings["features"], kernel=settings["kernel"], C=settings["C"],
+                     gamma=settings["gamma"], min_layer=settings["min_layer"], threshold=settings["threshold"])
+        policy.num_layers_, policy.metadata = settings["num_layers"], settings.get("metadata", {})
+        if not policy.never_exits:
+            policy.kernel_, policy.gamma_ = settings["kernel_"], settings.get("gamma_")
+            policy.vectors_, policy.dual_, policy.intercept_ = arrays["vectors"], arrays["dual"], arrays["intercept"]
+        if "probe_coef" in arrays:
+            policy.probes_ = LinearProbes()
+            policy.probes_.coef_, policy.probes_.intercept_ = arrays["probe_coef"], arrays["probe_intercept"]
+        return policy
+
+    def check_compatible(self, model_hash: str, task_fingerprint: str, num_layers: int):
+        """Refuse a policy calibrated for other weights or another prompt format."""
+        meta = self.metadata
+        if self.never_exits:
+            return
+        if self.num_layers_ != num_layers:
+            raise PolicyError(f"policy was made for a {self.num_layers_}-layer model; this model has {num_layers}")
+        if meta.get("model_hash") and meta["model_hash"] != model_hash:
+            raise PolicyError(f"policy was calibrated for model {meta.get('model_id')} ({meta['model_hash']}), "
+                              f"not this one ({model_hash}): recalibrate with jobs/calibrate.py or use --policy full")
+        if meta.get("task_fingerprint") and meta["task_fingerprint"] != task_fingerprint:
+            raise PolicyError(f"policy was calibrated for another prompt template/labels (task {meta.get('task')!r}, "
+                              f"{meta['task_fingerprint']}); this run's is {task_fingerprint}: "
+                              "recalibrate with jobs/calibrate.py or use --policy full")
+
+
+def _jsonable(x):
+    if isinstance(x, (np.integer, np.floating)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(x)}")
