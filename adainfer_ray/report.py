@@ -23,7 +23,8 @@ Conventions in `summary.json` (stable snake_case names; `null` means "not comput
   `flops_full`: they answer "what share of the full-depth compute did this run not spend".
   `mean_compute_saved` is the unweighted mean over rows.
 - `exit_layer_counts[k - 1]` is the number of rows that stopped after layer k (k = 1..num_layers).
-- Error rows (`error` not null) count in `rows` and `error_rows` and nowhere else.
+- Error rows (`error` not null) count in `rows`, `error_rows`, `truncated_rows` and
+  `gold_accuracy.rows_without_label`, and in no other figure.
 
 This module is a leaf of the package: it imports nothing from it but `schema`, and never torch or
 ray, so reports run anywhere pyarrow runs.
@@ -62,18 +63,20 @@ DEFAULT_GPU = "NVIDIA A100 80GB"
 DEFAULT_PRICE_PER_GPU_HOUR = 5.00
 PRICE_CURRENCY = "USD"
 DEFAULT_PRICE_SOURCE = (
-    "approximate 2024 public-cloud on-demand price of one NVIDIA A100 80GB "
-    "(per-GPU share of an 8-GPU instance such as AWS p4de.24xlarge)"
+    "approximate 2024 public-cloud on-demand price: the per-GPU share of an 8-GPU instance "
+    "such as AWS p4de.24xlarge"
 )
 
 REPORT_VERSION = 1
-# Reading: Parquet pages are streamed through a small buffer and decoded BATCH_ROWS rows at a
-# time, instead of whole row groups at once (pyarrow's default), so that memory in flight does
-# not grow with the row-group size the writer chose.
+# Reading: column chunks are streamed through a small buffer (pre_buffer off) and handed over
+# BATCH_ROWS rows at a time, so that memory in flight hardly grows with the row-group size the
+# writer chose (measured on one 2M-row row group: about 25 MB of Arrow memory this way, about
+# 105 MB with pyarrow's defaults).
 BATCH_ROWS = 16_384
 READ_BUFFER_BYTES = 1 << 20
 SAVED_SHARE_BINS = 100     # fixed bins over [0, 1] for the per-row saved-share histograms
-ROWS_PER_BUCKET = 250_000  # compare mode: rows of one run held in memory at once while joining
+ROWS_PER_BUCKET = 100_000  # compare mode: rows of one run held in memory at once while joining
+MAX_BUCKETS = 512          # ... and open files per run while spilling (past 51 M rows, buckets grow)
 Z_95 = 1.959963984540054   # two-sided 95% normal quantile
 
 # The columns a summary reads: everything but `id`, which is the widest column and not needed.
@@ -321,17 +324,14 @@ class RunSummary:
     def _count_agreement(self, batch: pa.RecordBatch, ok: np.ndarray) -> None:
         label = _column(batch, "label")
         has_label = ok & _is_valid(label)
-        for reference, prefix in ((_column(batch, "full_label"), "audit"),
-                                  (_column(batch, "gold_label"), "gold")):
-            compared = has_label & _is_valid(reference)
-            same = compared & pc.equal(label, reference).fill_null(False).to_numpy(zero_copy_only=False)
-            if prefix == "audit":
-                self.audit_rows += int(compared.sum())
-                self.audit_agreeing += int(same.sum())
-            else:
-                self.gold_rows += int(compared.sum())
-                self.gold_correct += int(same.sum())
-                self.gold_rows_without_label += int((~has_label & _is_valid(reference)).sum())
+        compared, same = _matches(label, _column(batch, "full_label"), has_label)
+        self.audit_rows += compared
+        self.audit_agreeing += same
+        gold = _column(batch, "gold_label")
+        compared, same = _matches(label, gold, has_label)
+        self.gold_rows += compared
+        self.gold_correct += same
+        self.gold_rows_without_label += int((~has_label & _is_valid(gold)).sum())
 
     # --- finalize ---
 
@@ -364,9 +364,11 @@ class RunSummary:
                 "bin_edges": [i / SAVED_SHARE_BINS for i in range(SAVED_SHARE_BINS + 1)],
                 **{name: h.tolist() for name, h in self.saved_histograms.items()},
             },
-            "savings_by_label": {label: {"rows": int(sums["rows"]), **_exit_figures(sums),
-                                         **_flop_figures(sums)}
-                                 for label, sums in labelled.items() if label in label_counts},
+            # Most frequent labels first, like label_counts.
+            "savings_by_label": {label: {"rows": label_counts[label],
+                                         **_exit_figures(labelled[label]),
+                                         **_flop_figures(labelled[label])}
+                                 for label in label_counts},
             "audit_agreement": _proportion(self.audit_agreeing, self.audit_rows),
             "gold_accuracy": {**_proportion(self.gold_correct, self.gold_rows),
                               "rows_without_label": self.gold_rows_without_label},
@@ -378,6 +380,13 @@ class RunSummary:
         counts = np.zeros(size + 1, dtype=np.int64)
         counts[:len(self.exit_layer_counts)] = self.exit_layer_counts
         return counts[1:].tolist()
+
+
+def _matches(label: pa.Array, reference: pa.Array, has_label: np.ndarray) -> tuple[int, int]:
+    """(rows with both a label and a reference, rows among them where the two are equal)."""
+    compared = has_label & _is_valid(reference)
+    equal = pc.equal(label, reference).fill_null(False).to_numpy(zero_copy_only=False)
+    return int(compared.sum()), int((compared & equal).sum())
 
 
 def _exit_figures(sums: Counter) -> dict:
@@ -475,15 +484,15 @@ def _run_warnings(summary: dict) -> list[str]:
     sidecar_rows = summary["throughput"]["sidecar_rows"]
     if sidecar_rows is not None and sidecar_rows != summary["rows"]:
         warnings.append(f"the sidecar counts {sidecar_rows} rows but the Parquet files hold "
-                        f"{summary['rows']}; rows/s is the sidecar's, cost uses the sidecar's wall time")
+                        f"{summary['rows']}; rows/s and cost use the sidecar's figures")
     if summary["unlabelled_rows"]:
-        warnings.append(f"{summary['unlabelled_rows']} rows have neither a label nor an error")
+        warnings.append(f"rows with neither a label nor an error: {summary['unlabelled_rows']}")
     if summary["rows"] and summary["exit_rows"] < summary["ok_rows"]:
-        warnings.append(f"{summary['ok_rows'] - summary['exit_rows']} rows without error have no "
-                        "usable exit_layer/num_layers and are left out of the exit figures")
+        warnings.append("rows without error but without a usable exit_layer/num_layers, left out "
+                        f"of the exit figures: {summary['ok_rows'] - summary['exit_rows']}")
     if summary["rows"] and summary["flops_rows"] < summary["ok_rows"]:
-        warnings.append(f"{summary['ok_rows'] - summary['flops_rows']} rows without error have "
-                        "unset FLOP columns and are left out of the FLOP figures")
+        warnings.append("rows without error but with unset FLOP columns, left out of the FLOP "
+                        f"figures: {summary['ok_rows'] - summary['flops_rows']}")
     return warnings
 
 
@@ -525,8 +534,11 @@ def estimate_cost(summary: dict, price_per_gpu_hour: float = DEFAULT_PRICE_PER_G
                            "the measured CPU throughput. A GPU would be faster, so read the cost "
                            "figures as an upper bound and the saved share as the robust figure.")
 
-    full_gpu_hours = _full_depth_gpu_hours(summary, full_depth_run, assumptions, cost)
-    if full_gpu_hours is not None:
+    full_gpu_hours, cost["full_depth_source"], note = _full_depth_gpu_hours(summary, full_depth_run)
+    if full_gpu_hours is None:
+        cost["unavailable_reason"] = note
+    else:
+        assumptions.append(note)
         cost["full_depth_gpu_hours"] = full_gpu_hours
         cost["full_depth_cost"] = full_gpu_hours * price_per_gpu_hour
         cost["saved_gpu_hours"] = full_gpu_hours - run_gpu_hours
@@ -540,28 +552,26 @@ def estimate_cost(summary: dict, price_per_gpu_hour: float = DEFAULT_PRICE_PER_G
     return cost
 
 
-def _full_depth_gpu_hours(summary: dict, full_depth_run: dict | None,
-                          assumptions: list[str], cost: dict) -> float | None:
-    """GPU-hours of the same run at full depth; records its source and assumption."""
-    run_gpu_hours = summary["throughput"]["gpu_seconds"] / 3600
+def _full_depth_gpu_hours(summary: dict,
+                          full_depth_run: dict | None) -> tuple[float | None, str | None, str]:
+    """GPU-hours of the same run at full depth, where the figure comes from, and the assumption
+    it rests on (or, when it is None, why it is missing)."""
     if full_depth_run is not None and full_depth_run["throughput"]["available"] \
             and full_depth_run["rows"] and summary["rows"]:
         gpu_seconds_per_row = full_depth_run["throughput"]["gpu_seconds"] / full_depth_run["rows"]
-        cost["full_depth_source"] = "measured_full_depth_run"
-        assumptions.append("Full depth is measured: the --policy full run's GPU-seconds per row "
-                           f"({gpu_seconds_per_row:.4g}) times this run's {summary['rows']} rows.")
-        return summary["rows"] * gpu_seconds_per_row / 3600
+        return (summary["rows"] * gpu_seconds_per_row / 3600, "measured_full_depth_run",
+                "Full depth is measured: the --policy full run's GPU-seconds per row "
+                f"({gpu_seconds_per_row:.4g}) times this run's {summary['rows']} rows; this "
+                "assumes both runs saw the same kind of text on comparable hardware.")
     if not summary["flops_used"]:
-        cost["unavailable_reason"] = "no rows with FLOP figures: full depth cannot be estimated"
-        return None
-    cost["full_depth_source"] = "flops_ratio"
-    assumptions.append("Full depth is estimated: run GPU-hours x sum(flops_full) / sum(flops_used), "
-                       "i.e. time proportional to FLOPs. Full depth means every layer and no "
-                       "prefix reuse (the schema's flops_full). Fixed costs (start-up, "
-                       "tokenisation, I/O) do not shrink with early exit, so the real saving is "
-                       "smaller than this estimate; a --policy full run passed with --compare "
-                       "measures it instead.")
-    return run_gpu_hours * summary["flops_full"] / summary["flops_used"]
+        return None, None, "no rows with FLOP figures: full depth cannot be estimated"
+    run_gpu_hours = summary["throughput"]["gpu_seconds"] / 3600
+    return (run_gpu_hours * summary["flops_full"] / summary["flops_used"], "flops_ratio",
+            "Full depth is estimated: run GPU-hours x sum(flops_full) / sum(flops_used), i.e. "
+            "time proportional to FLOPs. Full depth means every layer and no prefix reuse (the "
+            "schema's flops_full). Fixed costs (start-up, tokenisation, I/O) do not shrink with "
+            "early exit, so the real saving is smaller than this estimate; a --policy full run "
+            "passed with --compare measures it instead.")
 
 
 # --- 4. Two runs side by side ------------------------------------------------------------------
@@ -615,7 +625,8 @@ def compare_runs(inputs: list[str], other_inputs: list[str], summary: dict, othe
     rows each, spilled to temporary Arrow files, and joined one bucket at a time. Duplicate ids
     within a run (e.g. a resumed run) keep their first row and are counted.
     """
-    buckets = max(1, math.ceil(max(summary["rows"], other_summary["rows"]) / rows_per_bucket))
+    largest = max(summary["rows"], other_summary["rows"])
+    buckets = min(MAX_BUCKETS, max(1, math.ceil(largest / rows_per_bucket)))
     counts = Counter()
     with tempfile.TemporaryDirectory(prefix="adainfer-compare-", dir=spill_dir) as folder:
         os.makedirs(os.path.join(folder, "run"))
@@ -631,10 +642,11 @@ def compare_runs(inputs: list[str], other_inputs: list[str], summary: dict, othe
 
 def _compare_bucket(run: pd.DataFrame, other: pd.DataFrame) -> Counter:
     counts = Counter()
-    counts["duplicate_ids_run"] = int(run["id"].duplicated().sum())
-    counts["duplicate_ids_compare"] = int(other["id"].duplicated().sum())
-    joined = run.drop_duplicates("id").merge(other.drop_duplicates("id"), on="id", how="outer",
-                                             suffixes=("_run", "_compare"), indicator=True)
+    run_duplicates, other_duplicates = run["id"].duplicated(), other["id"].duplicated()
+    counts["duplicate_ids_run"] = int(run_duplicates.sum())
+    counts["duplicate_ids_compare"] = int(other_duplicates.sum())
+    joined = run[~run_duplicates].merge(other[~other_duplicates], on="id", how="outer",
+                                        suffixes=("_run", "_compare"), indicator=True)
     counts["matched_rows"] = int((joined["_merge"] == "both").sum())
     counts["rows_only_in_run"] = int((joined["_merge"] == "left_only").sum())
     counts["rows_only_in_compare"] = int((joined["_merge"] == "right_only").sum())
@@ -870,7 +882,7 @@ def report_sections(report: dict) -> list[Section]:
                             paragraphs=["Share of rows (y) that saved at least a given share of "
                                         "their own full-depth FLOPs (x), in 1% bins."]))
     if report.get("compare"):
-        sections.append(_compare_section(report["compare"]))
+        sections.append(_compare_section(report))
     if run["warnings"]:
         sections.append(Section("Warnings", bullets=list(run["warnings"])))
     return sections
@@ -879,6 +891,8 @@ def report_sections(report: dict) -> list[Section]:
 def _cost_section(cost: dict) -> Section:
     if cost["run_gpu_hours"] is None:
         return Section("Cost", paragraphs=[f"Not available: {cost['unavailable_reason']}."])
+    missing = [f"Full depth not available: {cost['unavailable_reason']}."] \
+        if cost["unavailable_reason"] else []
     rows = [
         ["run as it was", _num(cost["run_gpu_hours"], 3), _money(cost["run_cost"])],
         [f"same run at full depth ({cost['full_depth_source'] or 'n/a'})",
@@ -890,25 +904,38 @@ def _cost_section(cost: dict) -> Section:
         rows.append(["... by early exit", "", _money(cost["saved_cost_by_exit"])])
         rows.append(["... by prefix reuse", "", _money(cost["saved_cost_by_prefix"])])
     return Section("Cost", table=(["", "GPU-hours", "cost"], rows),
-                   paragraphs=["Assumptions:"], bullets=list(cost["assumptions"]))
+                   paragraphs=missing + ["Assumptions:"], bullets=list(cost["assumptions"]))
 
 
-def _compare_section(compare: dict) -> Section:
-    other = compare["run"]
-    joined = compare["joined"]
-    return Section("Compare", paragraphs=[
-        f"--input against --compare ({', '.join(other['inputs'])}, policy "
-        f"{other['throughput']['policy'] or 'n/a'}), joined by id."], bullets=[
+def _compare_section(report: dict) -> Section:
+    run, cost = report["run"], report["cost"]
+    other, other_cost = report["compare"]["run"], report["compare"]["cost"]
+    joined = report["compare"]["joined"]
+
+    def side_by_side(name, figure):
+        return [name, figure(run, cost), figure(other, other_cost)]
+
+    table = (["", "--input", "--compare"], [
+        side_by_side("inputs", lambda r, c: ", ".join(r["inputs"])),
+        side_by_side("policy", lambda r, c: str(r["throughput"]["policy"] or "n/a")),
+        side_by_side("rows", lambda r, c: _n(r["rows"])),
+        side_by_side("error rows", lambda r, c: _n(r["error_rows"])),
+        side_by_side("mean exit layer", lambda r, c: _num(r["mean_exit_layer"])),
+        side_by_side("share of FLOPs saved", lambda r, c: _pct(r["flops_saved_share"])),
+        side_by_side("rows/s", lambda r, c: _num(r["throughput"]["rows_per_s"])),
+        side_by_side("run cost", lambda r, c: _money(c["run_cost"])),
+        ["accuracy against gold (joined rows)", _proportion_text(joined["gold_accuracy_run"]),
+         _proportion_text(joined["gold_accuracy_compare"])],
+    ])
+    return Section("Compare", table=table, paragraphs=[
+        "The two runs joined by id. Accuracy is over the joined rows where both runs have a "
+        "label and a gold label exists, so both columns grade the same rows."], bullets=[
         f"Matched rows: {_n(joined['matched_rows'])}; only in --input: "
         f"{_n(joined['rows_only_in_run'])}; only in --compare: {_n(joined['rows_only_in_compare'])}"
         f"; duplicate ids: {_n(joined['duplicate_ids_run'])} / {_n(joined['duplicate_ids_compare'])}",
         f"Label agreement: {_proportion_text(joined['label_agreement'])}",
-        f"Accuracy against gold, --input: {_proportion_text(joined['gold_accuracy_run'])}",
-        f"Accuracy against gold, --compare: {_proportion_text(joined['gold_accuracy_compare'])}",
         f"Throughput ratio (--input rows/s / --compare rows/s): {_num(joined['throughput_ratio'])}"
         + (f" ({joined['throughput_ratio_reason']})" if joined["throughput_ratio_reason"] else ""),
-        f"FLOPs saved by --compare: {_pct(other['flops_saved_share'])}; mean exit layer "
-        f"{_num(other['mean_exit_layer'])}",
     ])
 
 
@@ -978,9 +1005,11 @@ def terminal_summary(report: dict, out_dir: str | None = None) -> str:
     if cost["run_cost"] is None:
         lines.append(f"cost: n/a ({cost['unavailable_reason']})")
     else:
-        lines.append(f"cost at {_money(cost['price_per_gpu_hour'])}/GPU-hour ({cost['gpu']}): run "
+        basis = "" if cost["cost_basis"] == "measured_gpu_time" else ", CPU run priced as one GPU"
+        lines.append(f"cost at {_money(cost['price_per_gpu_hour'])}/GPU-hour ({cost['gpu']}{basis}): run "
                      f"{_money(cost['run_cost'])}, full depth {_money(cost['full_depth_cost'])} "
-                     f"({cost['full_depth_source']}), saved {_money(cost['saved_cost'])}")
+                     f"({cost['full_depth_source'] or cost['unavailable_reason']}), "
+                     f"saved {_money(cost['saved_cost'])}")
     if report.get("compare"):
         joined = report["compare"]["joined"]
         lines.append(f"compare: label agreement {_proportion_text(joined['label_agreement'])}; "

@@ -21,7 +21,7 @@ except ImportError:  # run from a checkout without installing: put the repo root
 from adainfer_ray import report
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python jobs/report.py",
         description=__doc__.split("\n\n")[0],
@@ -34,8 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="report/", help="local folder to write the report into")
     parser.add_argument(
         "--price-per-gpu-hour", type=float, default=report.DEFAULT_PRICE_PER_GPU_HOUR,
-        help=f"price of one GPU-hour in {report.PRICE_CURRENCY}; the default is the "
-             f"{report.DEFAULT_PRICE_SOURCE}")
+        help=f"price of one GPU-hour in {report.PRICE_CURRENCY}; the default is for one "
+             f"{report.DEFAULT_GPU}, {report.DEFAULT_PRICE_SOURCE}")
     parser.add_argument("--gpu", default=report.DEFAULT_GPU,
                         help="name of the GPU the price is for, printed in the report")
     parser.add_argument(
@@ -43,13 +43,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="a second run's folder(s) to compare against: label agreement by id, accuracy "
              "against gold_label, throughput ratio; a --policy full run also gives the measured "
              "full-depth cost")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    result = report.write_report(args.input, args.out, price_per_gpu_hour=args.price_per_gpu_hour,
-                                 gpu=args.gpu, compare=args.compare)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = report.write_report(args.input, args.out, price_per_gpu_hour=args.price_per_gpu_hour,
+                                     gpu=args.gpu, compare=args.compare)
+    except FileNotFoundError as error:  # an --input or --compare without output: a usage error
+        parser.error(str(error))
     print(report.terminal_summary(result, args.out))
 
 

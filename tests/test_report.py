@@ -181,6 +181,9 @@ def assert_figures_match(summary, rows):
     for key, bins in expected["saved_bins"].items():
         assert summary["saved_share_histogram"][key] == bins, key
     assert set(summary["savings_by_label"]) == set(expected["savings_by_label"])
+    # Most frequent label first, in the counts, the table and the plot alike.
+    assert list(summary["label_counts"].values()) == sorted(summary["label_counts"].values(), reverse=True)
+    assert list(summary["savings_by_label"]) == list(summary["label_counts"])
     for label, figures in expected["savings_by_label"].items():
         got = summary["savings_by_label"][label]
         for key, value in figures.items():
@@ -307,6 +310,12 @@ def test_wilson_interval_known_values():
         assert got == pytest.approx((low, high), abs=5e-5)
     assert report.wilson_interval(20, 20)[1] == 1.0
     assert report.wilson_interval(0, 0) is None
+
+
+def test_rows_saving_at_least_reads_the_histogram_from_the_top():
+    # 1 row in [0, 1%), none in [1%, 2%), 3 in [2%, 3%): all rows saved >= 0, 3/4 saved >= 1%.
+    assert report.rows_saving_at_least([1, 0, 3]) == [1.0, 0.75, 0.75]
+    assert report.rows_saving_at_least([0, 0]) == [0.0, 0.0]
 
 
 def test_compare_mode_joins_by_id(tmp_path):
@@ -455,9 +464,10 @@ def write_big_run(folder):
 
 
 # The child measures its peak RSS (VmHWM; not ru_maxrss, which on Linux survives exec and would
-# report the pytest parent's peak) at three points: after a warm-up report on a tiny run (so the
-# baseline holds the one-time costs: code pages, thread pools, fonts), after summarising the first
-# file of the big run, and after the whole report on all of it.
+# report the pytest parent's peak) at four points: after a warm-up report with compare mode on a
+# tiny run (so the baseline holds the one-time costs: code pages, thread pools, fonts), after
+# summarising the first file of the big run, after the whole report on all of it, and after
+# comparing the big run with its first file (a join of 3 M ids with 0.5 M ids).
 CHILD = textwrap.dedent("""
     import json, sys
     from adainfer_ray import report
@@ -467,15 +477,19 @@ CHILD = textwrap.dedent("""
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
     tiny, first_file, big, out = sys.argv[1:]
-    report.write_report([tiny], out + "-tiny")
+    report.write_report([tiny], out + "-tiny", compare=[tiny])
     baseline = peak_kib()
-    report.summarize_run([first_file])
+    first_file_summary = report.summarize_run([first_file])
     after_first_file = peak_kib()
     result = report.write_report([big], out)
+    after_report = peak_kib()
+    joined = report.compare_runs([big], [first_file], result["run"], first_file_summary)
     print(json.dumps({"baseline_kib": baseline, "first_file_kib": after_first_file,
-                      "peak_kib": peak_kib(), "rows": result["run"]["rows"],
-                      "error_rows": result["run"]["error_rows"],
-                      "exit_rows": result["run"]["exit_rows"]}))
+                      "report_kib": after_report, "compare_kib": peak_kib(),
+                      "rows": result["run"]["rows"], "error_rows": result["run"]["error_rows"],
+                      "exit_rows": result["run"]["exit_rows"],
+                      "matched_rows": joined["matched_rows"],
+                      "agreement": joined["label_agreement"]["share"]}))
 """)
 
 
@@ -491,17 +505,23 @@ def test_multi_million_row_output_is_summarised_in_bounded_memory(tmp_path):
     measured = json.loads(completed.stdout.strip().splitlines()[-1])
     assert measured["rows"] == BIG_ROWS
     assert measured["exit_rows"] == BIG_ROWS - measured["error_rows"]
-    mib = 1 / 2**20
-    growth = (measured["peak_kib"] - measured["baseline_kib"]) * 1024
-    growth_after_first_file = (measured["peak_kib"] - measured["first_file_kib"]) * 1024
-    print(f"\nmemory test: {BIG_ROWS:,} rows, {table_bytes * mib:.0f} MiB in Arrow; peak RSS "
-          f"{measured['peak_kib'] / 1024:.0f} MiB, {growth * mib:.0f} MiB above the warm baseline "
-          f"({measured['baseline_kib'] / 1024:.0f} MiB), {growth_after_first_file * mib:.0f} MiB "
-          f"more after the first {BIG_ROWS // BIG_FILES:,} rows")
+    assert measured["matched_rows"] == BIG_ROWS // BIG_FILES and measured["agreement"] == 1.0
+    kib = 1024
+    growth = (measured["report_kib"] - measured["baseline_kib"]) * kib
+    growth_after_first_file = (measured["report_kib"] - measured["first_file_kib"]) * kib
+    compare_growth = (measured["compare_kib"] - measured["baseline_kib"]) * kib
+    print(f"\nmemory test: {BIG_ROWS:,} rows, {table_bytes / 2**20:.0f} MiB in Arrow; warm "
+          f"baseline {measured['baseline_kib'] / kib:.0f} MiB; report peak "
+          f"{measured['report_kib'] / kib:.0f} MiB (+{growth / 2**20:.0f} MiB, of which "
+          f"+{growth_after_first_file / 2**20:.0f} MiB after the first {BIG_ROWS // BIG_FILES:,} "
+          f"rows); compare peak {measured['compare_kib'] / kib:.0f} MiB "
+          f"(+{compare_growth / 2**20:.0f} MiB)")
     # Loading the table would add at least table_bytes (pandas: several times more). The report
     # adds a small fraction of it ...
     assert growth < table_bytes / 4
     # ... which does not follow the row count: the other 5/6 of the rows add next to nothing ...
     assert growth_after_first_file < (table_bytes * 5 / 6) / 10
     # ... and the whole process, interpreter and libraries included, is smaller than the table.
-    assert measured["peak_kib"] * 1024 < table_bytes
+    assert measured["report_kib"] * kib < table_bytes
+    # Joining the 3 M-row run with another by id holds one bucket at a time, not all the ids.
+    assert compare_growth < table_bytes / 3
