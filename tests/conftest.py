@@ -1,8 +1,14 @@
 """Shared fixtures: tiny random decoder LMs of every supported family, built from a config (no downloads)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
+
+# Test clusters listen on loopback only; Ray 2.5x+ token auth would make every client (this process,
+# `ray job submit`, the job's driver) find the same token file. Off for tests, on by default for users.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 TINY_CONFIGS = {
     "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=6,
@@ -58,3 +64,110 @@ def default_lm():
 
     torch.set_num_threads(2)
     return load_model(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama saved as a normal HF folder, with the default model's real tokenizer:
+    the whole job runs on it in seconds."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from adainfer_ray.models import ensure_default_model
+
+    src = ensure_default_model()
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
+                                  max_position_embeddings=2048, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, folder / name)
+    return folder
+
+
+def review_texts(n: int, seed: int = 0) -> list[str]:
+    """Short synthetic reviews of varied length (the tiny test policy is fitted on these)."""
+    rng = np.random.default_rng(seed)
+    words = ["great", "awful", "food", "film", "service", "slow", "lovely", "broken", "fine", "never", "again"]
+    return [" ".join(rng.choice(words, rng.integers(2, 25))) for _ in range(n)]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real Ray head on localhost (`ray start --head`), with its dashboard for `ray job submit`.
+    Yields {"address": gcs address, "dashboard": http url}. Only this cluster's processes are stopped."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+    import time
+
+    temp_dir = tempfile.mkdtemp(prefix="ray-t-", dir="/tmp")
+    port, dash = free_port(), free_port()
+    cmd = ["ray", "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+           "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=180)
+    info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
+    import urllib.request
+
+    for _ in range(60):  # the job API comes up a little after `ray start` returns
+        try:
+            urllib.request.urlopen(info["dashboard"] + "/api/version", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    yield info
+    import ray
+
+    ray.shutdown()
+    subprocess.run(["pkill", "-f", temp_dir], check=False)  # not `ray stop`: that would stop every Ray here
+    time.sleep(1)
+    subprocess.run(["pkill", "-9", "-f", temp_dir], check=False)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_connected(ray_cluster):
+    """This test process connected to the local test cluster (jobs run in-process use it)."""
+    import os
+
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray_cluster["address"]
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster["address"], log_to_driver=False)
+    return ray_cluster
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tiny_model_dir, tmp_path_factory):
+    """An early-exit policy for the tiny model and the sentiment task, fitted with the engine's own
+    trace + ExitPolicy.fit, its threshold set so that about half the items stop early."""
+    from adainfer_ray.engine import EarlyExitEngine
+    from adainfer_ray.models import load_model
+    from adainfer_ray.policy import ExitPolicy, exit_inputs
+    from adainfer_ray.prompts import SENTIMENT, PromptEncoder
+
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    enc = PromptEncoder(SENTIMENT, lm.tokenizer, lm.max_context)
+    b = enc.encode(review_texts(80))
+    tr = EarlyExitEngine(lm, enc.label_token_ids, prefix_ids=b.prefix_ids).trace(b.item_ids)
+    top, gap, lab = tr["label_top"], tr["label_gap"], tr["label_label"]
+    policy = ExitPolicy(features="label").fit(top, gap, lab == tr["final_label"][:, None])
+    L = lm.num_layers
+    d = policy.decision_function(exit_inputs(top, gap, np.arange(1, L + 1), L))[:, : L - 1]
+    policy.threshold = float(np.quantile(d.max(1), 0.5)) + 1e-9
+    policy.metadata = {"model_id": str(tiny_model_dir), "model_hash": lm.model_hash, "task": "sentiment",
+                       "task_fingerprint": SENTIMENT.fingerprint()}
+    return policy.save(tmp_path_factory.mktemp("policy") / "tiny-sentiment")

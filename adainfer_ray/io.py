@@ -1,0 +1,217 @@
+"""Reading corpora and writing results through fsspec + pyarrow: local paths, globs, s3://, gs://, memory://.
+
+Every reader yields pyarrow RecordBatches with the file's own columns plus `__row`, the row's
+position in its file, so that rows without an id column still get a stable one: `<file>:<row>`.
+Schema checks run on the driver, before any actor starts, and name the columns that exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+FORMATS = ("parquet", "jsonl", "csv", "tsv")
+_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+               ".csv": "csv", ".tsv": "tsv"}
+ROW_COLUMN = "__row"
+
+
+class InputError(ValueError):
+    """Bad input the user can fix: a missing path, a wrong column, an unreadable file."""
+
+
+def detect_format(path: str, fmt: str | None = None) -> str:
+    if fmt and fmt != "auto":
+        if fmt not in FORMATS:
+            raise InputError(f"unknown --format {fmt!r}: choose from {', '.join(FORMATS)}")
+        return fmt
+    name = path.lower().removesuffix(".gz")
+    for ext, found in _EXTENSIONS.items():
+        if name.endswith(ext):
+            return found
+    raise InputError(f"cannot tell the format of {path} from its name: pass --format ({', '.join(FORMATS)})")
+
+
+def list_files(uri: str | list[str]) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """Expand a path, folder, glob or URI (or several) into files; folders yield their data files."""
+    uris = [uri] if isinstance(uri, str) else list(uri)
+    files, fs = [], None
+    for u in uris:
+        fs, root = fsspec.core.url_to_fs(u)
+        if any(ch in root for ch in "*?["):
+            found = sorted(fs.glob(root))
+        elif fs.isdir(root):
+            found = sorted(p for p in fs.find(root) if os.path.splitext(p.removesuffix(".gz"))[1].lower() in _EXTENSIONS
+                           and not os.path.basename(p).startswith(("_", ".")))
+        elif fs.exists(root):
+            found = [root]
+        else:
+            raise InputError(f"input {u} does not exist")
+        if not found:
+            raise InputError(f"input {u} matches no data files ({', '.join(sorted(_EXTENSIONS))})")
+        files += [fs.unstrip_protocol(p) if "://" in u else p for p in found]
+    return fs, files
+
+
+# The input schema every reader produces, whatever the file held: the classifier sees only this.
+INPUT_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("gold_label", pa.string()),
+                          ("input_error", pa.string())])
+
+
+def read_rows(path: str, fmt: str, text_column: str, id_column: str | None = None,
+              label_column: str | None = None, batch_rows: int = 4096) -> Iterator[pa.Table]:
+    """Stream one file as tables of INPUT_SCHEMA. A row whose text is not a string keeps its place
+    with `input_error` set; rows without an id column get `<file name>:<row number>`."""
+    start, name = 0, os.path.basename(path)
+    try:
+        with fsspec.open(path, "rb", compression="infer") as f:
+            for cols, n in _raw_batches(f, fmt, batch_rows):
+                texts, errors = _texts(cols.get(text_column), n, text_column)
+                if "__error" in cols:  # a JSON line that did not parse
+                    errors = [e or j for e, j in zip(errors, cols["__error"].to_pylist())]
+                if id_column and id_column in cols:
+                    ids = [None if v is None else str(v) for v in cols[id_column].to_pylist()]
+                    ids = [i if i is not None else f"{name}:{start + r}" for r, i in enumerate(ids)]
+                else:
+                    ids = [f"{name}:{start + r}" for r in range(n)]
+                gold = ([None if v is None else str(v) for v in cols[label_column].to_pylist()]
+                        if label_column and label_column in cols else [None] * n)
+                start += n
+                yield pa.table([ids, texts, gold, errors], schema=INPUT_SCHEMA)
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path} as {fmt}: {e}") from e
+
+
+def _texts(column, n: int, name: str) -> tuple[list, list]:
+    """Text values as str (bytes decoded, invalid UTF-8 replaced), or None with an error."""
+    if column is None:
+        return [None] * n, [f"row has no {name!r} field"] * n
+    texts, errors = [], []
+    for v in column.to_pylist():
+        if isinstance(v, bytes):
+            v = v.decode("utf-8", errors="replace")
+        if v is None or isinstance(v, str):
+            texts.append(v)
+            errors.append(None)
+        else:
+            texts.append(None)
+            errors.append(f"text is {type(v).__name__}, not a string")
+    return texts, errors
+
+
+def _raw_batches(f, fmt: str, batch_rows: int) -> Iterator[tuple[dict, int]]:
+    """(columns by name, each with .to_pylist(); row count) per batch of the file."""
+    if fmt in ("parquet", "csv", "tsv"):
+        if fmt == "parquet":
+            batches = pq.ParquetFile(f).iter_batches(batch_size=batch_rows)
+        else:
+            opts = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=fmt == "csv",
+                                      quote_char=False if fmt == "tsv" else '"')
+            batches = pacsv.open_csv(f, parse_options=opts, read_options=pacsv.ReadOptions(block_size=1 << 22),
+                                     convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+        for b in batches:
+            yield dict(zip(b.schema.names, b.columns)), b.num_rows
+    else:  # JSON lines, parsed one by one so that one bad line becomes one error row, not a dead file
+        lines = []
+        for raw in f:
+            if raw.strip():
+                lines.append(raw)
+            if len(lines) == batch_rows:
+                yield _json_batch(lines)
+                lines = []
+        if lines:
+            yield _json_batch(lines)
+
+
+def _json_batch(lines: list[bytes]) -> tuple[dict, int]:
+    rows = []
+    for raw in lines:
+        try:
+            row = json.loads(raw)
+            rows.append(row if isinstance(row, dict) else {"__error": f"a JSON line must be an object, not {type(row).__name__}"})
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            rows.append({"__error": f"invalid JSON line: {e}"})
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    # Plain Python values column by column: a column of mixed types is fine here, checked per row later.
+    return {k: _Values([r.get(k) for r in rows]) for k in keys}, len(rows)
+
+
+class _Values(list):
+    def to_pylist(self):
+        return list(self)
+
+
+def file_columns(path: str, fmt: str) -> list[str]:
+    """The columns of one file, reading only its footer/header/first line."""
+    try:
+        with fsspec.open(path, "rb", compression="infer") as f:
+            if fmt == "parquet":
+                return pq.ParquetFile(f).schema_arrow.names
+            if fmt in ("csv", "tsv"):
+                header = f.readline().decode("utf-8", "replace").rstrip("\r\n")
+                return [c.strip().strip('"') for c in header.split("\t" if fmt == "tsv" else ",")]
+            for raw in f:
+                if raw.strip():
+                    return list(json.loads(raw).keys())
+            return []
+    except (pa.ArrowInvalid, OSError, ValueError) as e:
+        raise InputError(f"cannot read {path} as {fmt}: {e}") from e
+
+
+def check_columns(files: list[str], fmt: str, required: dict[str, str], optional: dict[str, str]) -> dict[str, bool]:
+    """Fail fast, naming the columns that exist, when a required column is missing from any file.
+    required/optional map a flag name to a column name; returns which optional columns are present."""
+    present = {flag: True for flag in optional}
+    for path in files:
+        cols = file_columns(path, fmt)
+        if not cols:
+            continue  # an empty file: nothing to check, nothing to label
+        for flag, col in required.items():
+            if col not in cols:
+                raise InputError(f"{path} has no column {col!r} ({flag}); its columns are: {', '.join(cols)}")
+        for flag, col in optional.items():
+            present[flag] = present[flag] and col in cols
+    return present
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+
+def output_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, root = fsspec.core.url_to_fs(uri)
+    return fs, root
+
+
+def check_writable(uri: str) -> None:
+    """Create the output folder and prove we can write there, before any work starts."""
+    fs, root = output_fs(uri)
+    probe = f"{root.rstrip('/')}/.write-test-{uuid.uuid4().hex[:8]}"
+    try:
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except (OSError, PermissionError) as e:
+        raise InputError(f"cannot write to output {uri}: {e}") from e
+
+
+def output_files(uri: str) -> list[str]:
+    fs, root = output_fs(uri)
+    if not fs.exists(root):
+        return []
+    return sorted(p for p in fs.find(root) if p.endswith(".parquet") and not os.path.basename(p).startswith((".", "_")))
+
+
+def write_json(uri: str, name: str, payload: dict) -> str:
+    fs, root = output_fs(uri)
+    path = f"{root.rstrip('/')}/{name}"
+    with fs.open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+    return path

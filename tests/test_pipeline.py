@@ -1,0 +1,153 @@
+"""The Ray Data job: one output row per input row, schema, ids, fail-fast checks, fsspec in and out."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from adainfer_ray import io
+from adainfer_ray.pipeline import Classifier, JobConfig, audit_mask, run_classify
+from adainfer_ray.schema import OUTPUT_SCHEMA, SIDECAR_NAME
+from conftest import review_texts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_output(uri):
+    fs, root = fsspec.core.url_to_fs(uri)
+    files = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+    tables = []
+    for p in files:
+        with fs.open(p, "rb") as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def test_classifier_turns_every_bad_row_into_one_error_row(tiny_model_dir, tiny_policy_dir):
+    cfg = JobConfig(model=str(tiny_model_dir), policy=str(tiny_policy_dir), audit_fraction=0.5)
+    clf = Classifier(cfg, threads=2)
+    texts = ["a fine film", None, "", "   \n\t", "control \x00\x07 chars", "日本語のレビュー、とても良い",
+             "x " * 500_000, "ok then"]
+    batch = {"id": np.array([f"r{i}" for i in range(len(texts))], dtype=object),
+             "text": np.array(texts, dtype=object),
+             "gold_label": np.array(["positive"] * len(texts), dtype=object),
+             "input_error": np.array([None] * 7 + ["text is int, not a string"], dtype=object)}
+    out = clf(batch)
+    assert out.schema == OUTPUT_SCHEMA and out.num_rows == len(texts)
+    rows = out.to_pylist()
+    assert [r["id"] for r in rows] == list(batch["id"])
+    errors = {r["id"]: r["error"] for r in rows}
+    assert errors["r1"] == "text is null" and errors["r2"] == "text is empty" and errors["r3"] == "text is empty"
+    assert errors["r7"] == "text is int, not a string"
+    for r in rows:
+        if r["error"]:
+            assert r["label"] is None and r["exit_layer"] is None
+        else:
+            assert r["label"] in ("negative", "positive") and 1 <= r["exit_layer"] <= 4
+            assert 0 < r["flops_used"] <= r["flops_full"]
+            assert r["compute_saved"] == pytest.approx(r["exit_saved"] + r["prefix_saved"])
+    assert rows[6]["truncated"] and not rows[0]["truncated"]  # the 1 MB text was cut to fit, and says so
+    assert rows[6]["num_tokens"] <= 2048
+
+
+def test_audit_sample_is_seeded_and_stable():
+    ids = [f"id{i}" for i in range(20000)]
+    a = audit_mask(ids, 0.05, seed=3)
+    assert 0.04 < a.mean() < 0.06
+    assert (audit_mask(ids[::-1], 0.05, seed=3)[::-1] == a).all()  # order and batching do not matter
+    assert not (audit_mask(ids, 0.05, seed=4) == a).all()
+
+
+def test_job_labels_every_row_once_with_the_output_schema(ray_connected, tiny_model_dir, tiny_policy_dir, tmp_path):
+    rows = [{"text": t, "label": "positive" if i % 2 else "negative"} for i, t in enumerate(review_texts(120, seed=1))]
+    rows[5]["text"] = None
+    rows[9]["text"] = 42
+    write_jsonl(tmp_path / "part-a.jsonl", rows[:70])
+    write_jsonl(tmp_path / "part-b.jsonl", rows[70:])
+    out = tmp_path / "out"
+    run = run_classify(JobConfig(input=str(tmp_path / "*.jsonl"), output=str(out), label_column="label",
+                                 model=str(tiny_model_dir), policy=str(tiny_policy_dir), batch_size=32,
+                                 audit_fraction=0.2), log=lambda *_: None)
+    table = read_output(out)
+    assert table.schema == OUTPUT_SCHEMA
+    assert table.num_rows == 120 and run["rows"] == 120
+    ids = table.column("id").to_pylist()
+    assert sorted(ids) == sorted([f"part-a.jsonl:{i}" for i in range(70)] + [f"part-b.jsonl:{i}" for i in range(50)])
+    errs = {r["id"]: r["error"] for r in table.select(["id", "error"]).to_pylist() if r["error"]}
+    assert errs == {"part-a.jsonl:5": "text is null", "part-a.jsonl:9": "text is int, not a string"}
+    exits = [e for e in table.column("exit_layer").to_pylist() if e is not None]
+    assert min(exits) < 4 and max(exits) == 4  # the policy stops some items early
+    assert table.column("full_label").null_count < 120  # an audited sample carries the full-depth label
+    side = json.loads((out / SIDECAR_NAME).read_text())
+    for key in ("model", "policy", "task", "template", "flags", "ray_version", "start_time", "end_time",
+                "rows", "rows_per_s", "errors"):
+        assert key in side
+    assert side["errors"] == 2 and side["summary"]["gold_rows"] == 118
+
+
+def test_memory_uris_in_and_out(ray_connected, tiny_model_dir):
+    fs = fsspec.filesystem("memory")
+    with fs.open("/corpus/reviews.parquet", "wb") as f:
+        pq.write_table(pa.table({"id": [f"m{i}" for i in range(30)], "body": ["good stuff"] * 30}), f)
+    run = run_classify(JobConfig(input="memory://corpus/", output="memory://labels/", text_column="body",
+                                 model=str(tiny_model_dir), policy="full"), log=lambda *_: None)
+    table = read_output("memory://labels/")
+    assert run["rows"] == 30 and sorted(table.column("id").to_pylist()) == sorted(f"m{i}" for i in range(30))
+    assert fs.exists("/labels/" + SIDECAR_NAME)
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "jobs/classify.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **(env or {})})
+
+
+def test_wrong_text_column_fails_before_any_actor_naming_the_columns(tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [{"review": "hi", "stars": 5}])
+    r = run_cli("--input", str(tmp_path / "in.jsonl"), "--text-column", "text", "--policy", "full",
+                "--output", str(tmp_path / "out"), env={"RAY_ADDRESS": "127.0.0.1:1"})  # no Ray is ever reached
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert "no column 'text'" in last and "review, stars" in last
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_help_explains_every_flag_with_its_default():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for flag in ("--input", "--output", "--text-column", "--id-column", "--task", "--labels", "--template",
+                 "--demos", "--policy", "--actors", "--gpus-per-actor", "--batch-size", "--audit-fraction"):
+        assert flag in r.stdout
+    assert "(default: text)" in r.stdout and "(default: 0.01)" in r.stdout
+
+
+@pytest.mark.slow
+def test_ray_job_submit_against_a_real_cluster(ray_cluster, tiny_model_dir, tmp_path):
+    out = tmp_path / "submitted"
+    for _ in range(30):  # a fresh head's job agent takes a few seconds to register
+        r = subprocess.run(
+            ["ray", "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", ROOT, "--",
+             "python", "jobs/classify.py", "--model", str(tiny_model_dir), "--policy", "full", "--limit", "60",
+             "--output", str(out)],
+            cwd=ROOT, capture_output=True, text=True, timeout=900)
+        if "No available agent" not in r.stderr:
+            break
+        time.sleep(2)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-1500:]
+    assert "succeeded" in (r.stdout + r.stderr).lower()
+    table = read_output(out)
+    assert table.num_rows == 60 and table.schema == OUTPUT_SCHEMA
+    assert set(table.column("label").to_pylist()) <= {"negative", "positive"}
+    assert json.loads((out / SIDECAR_NAME).read_text())["rows"] == 60
