@@ -7,6 +7,7 @@ Schema checks run on the driver, before any actor starts, and name the columns t
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import uuid
@@ -53,9 +54,9 @@ def list_files(uri: str | list[str]) -> tuple[fsspec.AbstractFileSystem, list[st
         elif fs.exists(root):
             found = [root]
         else:
-            raise InputError(f"input {u} does not exist")
+            raise InputError(f"input {u} does not exist: check --input (a file, folder, glob or URI)")
         if not found:
-            raise InputError(f"input {u} matches no data files ({', '.join(sorted(_EXTENSIONS))})")
+            raise InputError(f"input {u} matches no data files ({', '.join(sorted(_EXTENSIONS))}): check --input")
         files += [fs.unstrip_protocol(p) if "://" in u else p for p in found]
     return fs, files
 
@@ -68,25 +69,27 @@ INPUT_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("gold_lab
 def read_rows(path: str, fmt: str, text_column: str, id_column: str | None = None,
               label_column: str | None = None, batch_rows: int = 4096) -> Iterator[pa.Table]:
     """Stream one file as tables of INPUT_SCHEMA. A row whose text is not a string keeps its place
-    with `input_error` set; rows without an id column get `<file name>:<row number>`."""
+    with `input_error` set; rows without an id column get `<file name>:<row number>`.
+    Every input row yields exactly one row here: bad rows are marked, never dropped."""
     start, name = 0, os.path.basename(path)
     try:
         with fsspec.open(path, "rb", compression="infer") as f:
-            for cols, n in _raw_batches(f, fmt, batch_rows):
+            for cols, n in _raw_batches(f, fmt, batch_rows, text_column):
                 texts, errors = _texts(cols.get(text_column), n, text_column)
                 if "__error" in cols:  # a JSON line that did not parse
                     errors = [e or j for e, j in zip(errors, cols["__error"].to_pylist())]
                 if id_column and id_column in cols:
-                    ids = [None if v is None else str(v) for v in cols[id_column].to_pylist()]
+                    ids = [None if v is None else _clean(str(v)) for v in cols[id_column].to_pylist()]
                     ids = [i if i is not None else f"{name}:{start + r}" for r, i in enumerate(ids)]
                 else:
                     ids = [f"{name}:{start + r}" for r in range(n)]
-                gold = ([None if v is None else str(v) for v in cols[label_column].to_pylist()]
+                gold = ([None if v is None else _clean(str(v)) for v in cols[label_column].to_pylist()]
                         if label_column and label_column in cols else [None] * n)
                 start += n
                 yield pa.table([ids, texts, gold, errors], schema=INPUT_SCHEMA)
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read {path} as {fmt}: {e}") from e
+        raise InputError(f"cannot read {path} as {fmt}: {e}; fix or remove that file and run the same command "
+                         "again (rows already written are kept)") from e
 
 
 def _texts(column, n: int, name: str) -> tuple[list, list]:
@@ -98,7 +101,7 @@ def _texts(column, n: int, name: str) -> tuple[list, list]:
         if isinstance(v, bytes):
             v = v.decode("utf-8", errors="replace")
         if v is None or isinstance(v, str):
-            texts.append(v)
+            texts.append(v if v is None else _clean(v))
             errors.append(None)
         else:
             texts.append(None)
@@ -106,16 +109,39 @@ def _texts(column, n: int, name: str) -> tuple[list, list]:
     return texts, errors
 
 
-def _raw_batches(f, fmt: str, batch_rows: int) -> Iterator[tuple[dict, int]]:
+def _clean(s: str) -> str:
+    """A str that Arrow can store: a lone UTF-16 surrogate (JSON allows "\\ud800") becomes U+FFFD."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+def _is_empty(f) -> bool:
+    """An empty file (after decompression) holds no rows and no header; rewinds otherwise."""
+    if f.read(1):
+        f.seek(0)
+        return False
+    return True
+
+
+def _raw_batches(f, fmt: str, batch_rows: int, text_column: str | None = None) -> Iterator[tuple[dict, int]]:
     """(columns by name, each with .to_pylist(); row count) per batch of the file."""
+    if _is_empty(f):
+        return
     if fmt in ("parquet", "csv", "tsv"):
         if fmt == "parquet":
             batches = pq.ParquetFile(f).iter_batches(batch_size=batch_rows)
         else:
             opts = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=fmt == "csv",
                                       quote_char=False if fmt == "tsv" else '"')
+            # The text column is read as bytes, so that invalid UTF-8 is replaced per row (in _texts)
+            # instead of failing the whole file.
+            convert = pacsv.ConvertOptions(strings_can_be_null=True,
+                                           column_types={text_column: pa.binary()} if text_column else None)
             batches = pacsv.open_csv(f, parse_options=opts, read_options=pacsv.ReadOptions(block_size=1 << 22),
-                                     convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+                                     convert_options=convert)
         for b in batches:
             yield dict(zip(b.schema.names, b.columns)), b.num_rows
     else:  # JSON lines, parsed one by one so that one bad line becomes one error row, not a dead file
@@ -130,13 +156,18 @@ def _raw_batches(f, fmt: str, batch_rows: int) -> Iterator[tuple[dict, int]]:
             yield _json_batch(lines)
 
 
+def _json_line(raw: bytes) -> dict:
+    """One JSON line as a dict. Invalid UTF-8 is replaced (U+FFFD), so such a row is still labeled."""
+    return json.loads(raw.decode("utf-8", errors="replace").lstrip("\ufeff"))
+
+
 def _json_batch(lines: list[bytes]) -> tuple[dict, int]:
     rows = []
     for raw in lines:
         try:
-            row = json.loads(raw)
+            row = _json_line(raw)
             rows.append(row if isinstance(row, dict) else {"__error": f"a JSON line must be an object, not {type(row).__name__}"})
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except json.JSONDecodeError as e:
             rows.append({"__error": f"invalid JSON line: {e}"})
     keys = list(dict.fromkeys(k for r in rows for k in r))
     # Plain Python values column by column: a column of mixed types is fine here, checked per row later.
@@ -149,20 +180,31 @@ class _Values(list):
 
 
 def file_columns(path: str, fmt: str) -> list[str]:
-    """The columns of one file, reading only its footer/header/first line."""
+    """The columns of one file, reading only its footer/header/first lines; [] for an empty file."""
     try:
         with fsspec.open(path, "rb", compression="infer") as f:
+            if _is_empty(f):
+                return []
             if fmt == "parquet":
                 return pq.ParquetFile(f).schema_arrow.names
             if fmt in ("csv", "tsv"):
                 header = f.readline().decode("utf-8", "replace").rstrip("\r\n")
                 return [c.strip().strip('"') for c in header.split("\t" if fmt == "tsv" else ",")]
-            for raw in f:
-                if raw.strip():
-                    return list(json.loads(raw).keys())
+            # JSON lines: the first line that is a JSON object (a bad line is one error row, not a bad file)
+            lines = list(itertools.islice((raw for raw in f if raw.strip()), 100))
+            for raw in lines:
+                try:
+                    row = _json_line(raw)
+                except ValueError:
+                    continue
+                if isinstance(row, dict):
+                    return list(row)
+            if lines:
+                raise ValueError("none of its first lines is a JSON object")
             return []
     except (pa.ArrowInvalid, OSError, ValueError) as e:
-        raise InputError(f"cannot read {path} as {fmt}: {e}") from e
+        raise InputError(f"cannot read {path} as {fmt}: {e}; fix or remove that file, "
+                         "or pass --format if it is not " + fmt) from e
 
 
 def check_columns(files: list[str], fmt: str, required: dict[str, str], optional: dict[str, str]) -> dict[str, bool]:
@@ -199,7 +241,7 @@ def check_writable(uri: str) -> None:
             f.write(b"ok")
         fs.rm(probe)
     except (OSError, PermissionError) as e:
-        raise InputError(f"cannot write to output {uri}: {e}") from e
+        raise InputError(f"cannot write to output {uri}: {e}; pick another --output or fix its permissions") from e
 
 
 def output_files(uri: str) -> list[str]:
@@ -207,6 +249,14 @@ def output_files(uri: str) -> list[str]:
     if not fs.exists(root):
         return []
     return sorted(p for p in fs.find(root) if p.endswith(".parquet") and not os.path.basename(p).startswith((".", "_")))
+
+
+def write_parquet(uri: str, name: str, table: pa.Table) -> str:
+    fs, root = output_fs(uri)
+    path = f"{root.rstrip('/')}/{name}"
+    with fs.open(path, "wb") as f:
+        pq.write_table(table, f)
+    return path
 
 
 def write_json(uri: str, name: str, payload: dict) -> str:

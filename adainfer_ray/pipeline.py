@@ -8,6 +8,14 @@ Each actor loads the model, the exit policy and the shared-prefix cache once, th
 of rows per call with the early-exit engine (which regroups the block's items by depth). Rows are
 never held across calls, so Ray's retries and lineage cover every row: a crashed actor's block is
 simply run again by its replacement.
+
+What the job promises (the README's "What the job guarantees" is the user's version):
+- one output row per input row: a row that cannot be labeled gets `error` set and `label` null;
+- everything that can be checked before the run (paths, columns, model, policy, output) fails fast,
+  on the driver, before any actor starts;
+- re-running the same command over the same --output resumes: rows in readable output files are
+  kept and not labeled again (done_ids); a file cut short by a crash is unreadable, so it is deleted
+  and its rows are labeled again.
 """
 
 from __future__ import annotations
@@ -70,8 +78,12 @@ def build_task(cfg: JobConfig):
 
         import fsspec
 
-        with fsspec.open(cfg.demos, "r") as f:
-            demos = [(d["text"], d["label"]) for d in map(json.loads, filter(str.strip, f))]
+        try:
+            with fsspec.open(cfg.demos, "r") as f:
+                demos = [(d["text"], d["label"]) for d in map(json.loads, filter(str.strip, f))]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise JobError(f"cannot read --demos {cfg.demos}: {type(e).__name__}: {e}; "
+                           'expected JSON lines of {"text": ..., "label": ...}') from e
     return make_task(cfg.task, labels=cfg.labels, template=cfg.template, demos=demos)
 
 
@@ -87,7 +99,13 @@ def load_policy(spec: str, model_id: str, task):
             raise PolicyError(f"no default exit policy ships for model {model_id!r} and task {task.name!r}: "
                               "make one with jobs/calibrate.py and pass --policy FOLDER, or use --policy full")
         return ExitPolicy.load(folder)
-    return ExitPolicy.load(spec)
+    try:
+        return ExitPolicy.load(spec)
+    except PolicyError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file (missing keys, not safetensors...)
+        raise PolicyError(f"cannot read exit policy at {spec}: {type(e).__name__}: {e}. "
+                          "Pass a folder written by jobs/calibrate.py, `default`, or `full`.") from e
 
 
 def audit_mask(ids, fraction: float, seed: int) -> np.ndarray:
@@ -218,13 +236,10 @@ def parse_actors(spec: str) -> int | tuple[int, int]:
 
 
 def preflight(cfg: JobConfig) -> dict:
-    """Every check that can fail fast runs here, on the driver, before Ray starts any actor."""
+    """Every check that can fail fast runs here, on the driver, before Ray starts any actor. What is
+    wrong with the user's input or settings is raised as one of the errors jobs/classify.py prints as
+    one line (JobError, io.InputError, PolicyError, UnsupportedModelError, FileNotFoundError)."""
     import json
-
-    from transformers import AutoTokenizer
-
-    from adainfer_ray.models import DEFAULT_MODEL, UnsupportedModelError, family_of, model_fingerprint, resolve_model_dir
-    from adainfer_ray.prompts import PromptEncoder
 
     _, files = io.list_files(cfg.input)
     fmt = io.detect_format(files[0], cfg.format)
@@ -235,23 +250,43 @@ def preflight(cfg: JobConfig) -> dict:
     parse_actors(cfg.actors)
     if not 0 <= cfg.audit_fraction <= 1:
         raise JobError("--audit-fraction must be between 0 and 1")
-    task = build_task(cfg)
+    if cfg.batch_size < 1 or (cfg.limit is not None and cfg.limit < 0):
+        raise JobError("--batch-size must be at least 1 and --limit at least 0")
+
+    from transformers import AutoTokenizer  # after the cheap checks: importing torch takes seconds
+
+    from adainfer_ray.models import DEFAULT_MODEL, UnsupportedModelError, family_of, model_fingerprint, resolve_model_dir
+    from adainfer_ray.prompts import PromptEncoder
+
     model_dir = resolve_model_dir(cfg.model)
-    config = json.loads((model_dir / "config.json").read_text())
+    configs = {}
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            configs[name] = json.loads((model_dir / name).read_text()) if (model_dir / name).exists() else {}
+        except ValueError as e:
+            raise UnsupportedModelError(f"{model_dir / name} is not valid JSON ({e}): is --model a Hugging Face "
+                                        "model folder?") from e
+        # A model folder can name its own Python classes (auto_map); loading them would run its code.
+        if configs[name].get("auto_map") and not cfg.trust_remote_code:
+            raise UnsupportedModelError(f"model {cfg.model} asks to run its own Python code (auto_map in {name}): "
+                                        "refused; pass --trust-remote-code only if you trust its source")
+    config = configs["config.json"]
     family_of(config.get("model_type", "?"))
-    if config.get("auto_map") and not cfg.trust_remote_code:
-        raise UnsupportedModelError(f"model {cfg.model} asks to run its own code: pass --trust-remote-code "
-                                    "only if you trust its source")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
-    PromptEncoder(task, tokenizer, config.get("max_position_embeddings") or config.get("n_positions") or 2048)
+    try:
+        task = build_task(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+        PromptEncoder(task, tokenizer, config.get("max_position_embeddings") or config.get("n_positions") or 2048)
+    except JobError:
+        raise
+    except (OSError, ValueError) as e:  # an unknown task, a template without {text}, no tokenizer...
+        raise JobError(str(e)) from e
     model_id = DEFAULT_MODEL if cfg.model in (None, "", "default", DEFAULT_MODEL) else cfg.model
+    model_hash, num_layers = model_fingerprint(model_dir), config.get("num_hidden_layers") or config.get("n_layer")
     policy = load_policy(cfg.policy, model_id, task)
-    policy.check_compatible(model_fingerprint(model_dir), task.fingerprint(),
-                            config.get("num_hidden_layers") or config.get("n_layer"))
+    policy.check_compatible(model_hash, task.fingerprint(), num_layers)
     io.check_writable(cfg.output)
     return {"files": files, "format": fmt, "has_id_column": present["--id-column"], "task": task,
-            "model_id": model_id, "policy": policy, "model_hash": model_fingerprint(model_dir),
-            "num_layers": config.get("num_hidden_layers") or config.get("n_layer")}
+            "model_id": model_id, "policy": policy, "model_hash": model_hash, "num_layers": num_layers}
 
 
 def init_ray():
@@ -263,30 +298,54 @@ def init_ray():
     return ray
 
 
-def done_ids(output: str) -> set[str]:
-    """Ids already written by an earlier, interrupted run of the same job (resumption)."""
+def id_keys(ids) -> np.ndarray:
+    """Ids as fixed-width 16-byte digests, which sort and search like numbers: 50M finished ids take
+    800 MB, and two different ids share a digest with odds of about 2^-128, so none is skipped by chance."""
+    return np.array([hashlib.blake2b(str(i).encode(), digest_size=16).digest() for i in ids], dtype="S16")
+
+
+def done_ids(output: str) -> np.ndarray:
+    """The sorted id_keys of the rows an earlier, interrupted run of this job already wrote (resumption).
+
+    Ray writes each output file in place; Parquet puts its footer last, so a file that a crash cut
+    short cannot be opened: it is deleted here and its rows are labeled again. A readable file is
+    complete. A readable file of another shape is not ours to delete: the run stops instead."""
     import pyarrow.parquet as pq
 
     fs, _ = io.output_fs(output)
-    ids: set[str] = set()
+    keys = []
     for path in io.output_files(output):
         try:
             with fs.open(path, "rb") as f:
-                ids.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
-        except Exception:  # noqa: BLE001 - a file cut short by the crash: its rows are labeled again
+                pf = pq.ParquetFile(f)
+                foreign = pf.schema_arrow.names != OUTPUT_SCHEMA.names
+                ids = None if foreign else pf.read(columns=["id"]).column("id").to_pylist()
+        except Exception:  # noqa: BLE001 - cut short (or damaged): its rows are labeled again
             fs.rm(path)
-    return ids
+            continue
+        if foreign:
+            raise JobError(f"output {output} holds {path}, which is not this job's output: "
+                           "pick an empty --output folder (or the folder of the run to resume)")
+        keys.append(id_keys(ids))
+    return np.sort(np.concatenate(keys)) if keys else np.zeros(0, "S16")
 
 
-def _read_files(batch, fmt, text_column, id_column, label_column):
+def _read_files(batch, fmt, text_column, id_column, label_column, done=None):
+    """Rows of each file in the batch, less those an earlier run already wrote (`done`)."""
     for path in batch["path"]:
-        yield from io.read_rows(str(path), fmt, text_column, id_column, label_column)
+        for table in io.read_rows(str(path), fmt, text_column, id_column, label_column):
+            yield _drop_done(table, done) if done is not None else table
 
 
-def _drop_done(batch: pa.Table, done: set[str]) -> pa.Table:
-    import pyarrow.compute as pc
+def _drop_done(table: pa.Table, done) -> pa.Table:
+    """Drop the rows an earlier run wrote. `done` (an ObjectRef of the sorted done_ids array) is put
+    into Ray's object store once and read in place by every task, not copied into each of them."""
+    import ray
 
-    return batch.filter(pc.invert(pc.is_in(batch.column("id"), pa.array(sorted(done), pa.string()))))
+    done = ray.get(done)
+    mine = id_keys(table.column("id").to_pylist())
+    at = np.searchsorted(done, mine).clip(max=len(done) - 1)
+    return table.filter(pa.array(done[at] != mine))
 
 
 def run_classify(cfg: JobConfig, log=print) -> dict:
@@ -297,7 +356,7 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
     if not checked["has_id_column"]:
         log(f"no column {cfg.id_column!r} in the input: ids are derived as <file name>:<row number>")
     done = done_ids(cfg.output)
-    if done:
+    if len(done):
         log(f"resuming: {len(done)} rows already in {cfg.output} are kept and not labeled again")
     ray = init_ray()
     resources = ray.cluster_resources()
@@ -309,22 +368,29 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
     threads = None if gpus else max(1, int(resources.get("CPU", 1)) // max_actors)
     memory_in = cfg.input.startswith("memory://")
     files = checked["files"]
-    read_args = dict(fmt=checked["format"], text_column=cfg.text_column,
-                     id_column=cfg.id_column if checked["has_id_column"] else None, label_column=cfg.label_column)
+    read_args = dict(fmt=checked["format"], text_column=cfg.text_column, label_column=cfg.label_column,
+                     id_column=cfg.id_column if checked["has_id_column"] else None,
+                     done=ray.put(done) if len(done) else None)
     if memory_in:  # memory:// lives in this process only: read here, hand the rows to Ray
         tables = [t for f in files for t in _read_files({"path": [f]}, **read_args)]
         ds = ray.data.from_arrow(tables or [io.INPUT_SCHEMA.empty_table()])
     else:
-        ds = ray.data.from_items([{"path": f} for f in files]).map_batches(
-            _read_files, batch_size=1, fn_kwargs=read_args, batch_format="numpy")
-    if cfg.limit:
+        # One read task per file. Half a CPU each (reading is light) also keeps Ray Data from fusing
+        # the reads into the model actors, where one actor call would get a bundle of up to
+        # --batch-size files: one actor reading everything, and a crash rerunning all of it.
+        ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files)).map_batches(
+            _read_files, batch_size=1, fn_kwargs=read_args, batch_format="numpy", num_cpus=0.5)
+    if cfg.limit is not None:
         ds = ds.limit(cfg.limit)
-    if done:
-        ds = ds.map_batches(_drop_done, fn_kwargs={"done": done}, batch_format="pyarrow")
+    # The actors get this driver's ADAINFER_* settings (the model cache, the crash drill in
+    # Classifier): on a cluster started elsewhere, workers inherit `ray start`'s environment instead.
+    env = {k: v for k, v in os.environ.items() if k.startswith("ADAINFER_")}
     ds = ds.map_batches(
         Classifier, fn_constructor_kwargs={"cfg": cfg, "threads": threads}, batch_size=cfg.batch_size,
         batch_format="numpy", concurrency=actors, num_gpus=gpus, num_cpus=None if gpus else 1,
-        ray_remote_args_fn=lambda: {"max_restarts": -1, "max_task_retries": -1},  # a dead actor is replaced, its block rerun
+        runtime_env={"env_vars": env} if env else None,
+        # No retry settings needed: Ray Data restarts a dead actor without limit and runs the blocks
+        # it held again (max_restarts=-1, max_task_retries=-1 are its defaults for actor pools).
     )
     out_fs, out_root = io.output_fs(cfg.output)
     if out_fs.protocol in ("memory", ("memory",)) or "memory" in getattr(out_fs, "protocol", ()):
@@ -335,16 +401,21 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
                 pq.write_table(batch, f)
     else:
         ds.write_parquet(cfg.output)
+    if not io.output_files(cfg.output):  # no rows at all: still leave a table that every reader can open
+        io.write_parquet(cfg.output, "empty.parquet", OUTPUT_SCHEMA.empty_table())
     wall = time.perf_counter() - t0
     summary = summarize_output(cfg.output)
-    import ray as _ray
+    if summary["rows"] == 0:
+        log(f"the input holds no rows: {cfg.output} holds an empty table (empty.parquet) and {SIDECAR_NAME}")
+    elif len(done) and summary["rows"] == len(done):
+        log("nothing left to label: every input row was already in the output")
 
     record = {
         "model": checked["model_id"], "model_hash": checked["model_hash"],
         "policy": cfg.policy, "num_layers": checked["num_layers"], "policy_features": checked["policy"].features,
         "policy_metadata": checked["policy"].metadata, "task": checked["task"].to_dict(),
         "template": checked["task"].template, "labels": list(checked["task"].labels),
-        "flags": asdict(cfg), "ray_version": _ray.__version__,
+        "flags": asdict(cfg), "ray_version": ray.__version__,
         "device": "cuda" if gpus else "cpu", "gpu_name": _gpu_name() if gpus else None,
         "num_gpus": gpus * max_actors, "num_actors": cfg.actors,
         "start_time": started.isoformat(), "end_time": datetime.now(timezone.utc).isoformat(),

@@ -99,12 +99,22 @@ def print_summary(run: dict) -> None:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    from adainfer_ray.pipeline import run_classify
+    from adainfer_ray.io import InputError
+    from adainfer_ray.models import UnsupportedModelError
+    from adainfer_ray.pipeline import JobError, run_classify
+    from adainfer_ray.policy import PolicyError
 
+    # Errors in what the user gave us: each says what is wrong and what to do, on one line, exit 2.
+    # Anything else is a bug or an outage and keeps its traceback.
+    user_errors = (InputError, JobError, PolicyError, UnsupportedModelError, FileNotFoundError, PermissionError)
     try:
         run = run_classify(cfg)
-    except (ValueError, FileNotFoundError, PermissionError) as e:  # our errors say what to do
-        print(f"error: {e}", file=sys.stderr)
+    except user_errors as e:
+        # Raised inside a Ray task (a file that turns out corrupt mid-run), it arrives wrapped in Ray's
+        # RayTaskError, whose text is a whole traceback: print the cause's message.
+        cause = getattr(e, "cause", None)
+        message = str(cause if isinstance(cause, user_errors) else e)
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
         return 2
     print_summary(run)
     return 0

@@ -116,7 +116,8 @@ def ray_cluster():
     temp_dir = tempfile.mkdtemp(prefix="ray-t-", dir="/tmp")
     port, dash = free_port(), free_port()
     cmd = ["ray", "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-           "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+           "--include-dashboard=true", f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=2",
+           f"--temp-dir={temp_dir}", "--disable-usage-stats"]  # free ports: other Rays may run on this machine
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=180)
     info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
     import urllib.request
