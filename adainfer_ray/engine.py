@@ -75,20 +75,41 @@ class EarlyExitEngine:
         B, T = len(items), max(lens)
         dev = self.lm.device
         offset = len(self.prefix_ids) if self.reuse_prefix else 0
-        pos = (offset + torch.arange(T, device=dev)).expand(B, T)
+        pos = (offset + torch.arange(T, device=dev))[None]  # [1, T]: the same for every row (broadcast)
         if k == 0:
             ids = torch.zeros(B, T, dtype=torch.long, device=dev)  # right padding; pads are never attended to
             for b, it in enumerate(items):
                 ids[b, : lens[b]] = it.ids
             h = self.lm.embed(ids, pos)
         else:
-            h = items[0].h.new_zeros(B, T, items[0].h.shape[-1])
-            for b, it in enumerate(items):
-                h[b, : lens[b]] = it.h
+            h = self._gather(items, T)
         h = self.lm.layer(k, h, pos, self.prefix_kv[k] if self.reuse_prefix else None)  # [B, T, D]
         for b, it in enumerate(items):
             it.h = h[b, : lens[b]]
         return h[torch.arange(B, device=dev), torch.tensor(lens, device=dev) - 1]
+
+    @staticmethod
+    def _gather(items: list[_Item], T: int) -> torch.Tensor:
+        """The items' hidden states as one right-padded [B, T, D] batch. When they all are rows of
+        the batch tensor the previous layer wrote (the usual case), that tensor is reused as is or
+        indexed once, instead of copying item by item into zeros (pads never reach a real token)."""
+        base = items[0].h._base
+        if base is not None and base.dim() == 3 and base.shape[1] >= T:
+            rows = []
+            for it in items:
+                off = it.h.storage_offset() - base.storage_offset()
+                if it.h._base is not base or off % base.stride(0):
+                    rows = None
+                    break
+                rows.append(off // base.stride(0))
+            if rows is not None:
+                if rows == list(range(base.shape[0])) and base.shape[1] == T:
+                    return base
+                return base[torch.tensor(rows, device=base.device), :T]
+        h = items[0].h.new_zeros(len(items), T, items[0].h.shape[-1])
+        for b, it in enumerate(items):
+            h[b, : len(it.h)] = it.h
+        return h
 
     # -- scheduling --------------------------------------------------------------------------------
 

@@ -161,18 +161,15 @@ def attention(q, k, v, prefix_kv=None, scale=None):
     scale = d**-0.5 if scale is None else scale
     if prefix_kv is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=H != Hkv)
-    # With a prefix: one softmax over [prefix keys | own keys]. The prefix is broadcast along the
-    # batch by matmul, never copied per item. Query heads are grouped under their shared KV head.
+    # With a prefix: one fused attention over [prefix keys | own keys]; token t sees the whole
+    # prefix and its own tokens 0..t. The prefix is copied next to each item's keys for the kernel
+    # (a copy the size of the keys themselves), which costs far less than unfused scores + softmax.
     pk, pv = prefix_kv
-    P, G = pk.shape[2], H // Hkv
-    qg = q.reshape(B, Hkv, G * T, d)  # heads h = kv*G + g, as GQA's repeat_interleave orders them
-    s_prefix = torch.matmul(qg, pk.transpose(-1, -2)).float() * scale  # [B, Hkv, G*T, P]
-    s_self = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G*T, T]
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril().repeat(G, 1)  # [G*T, T]
-    s_self = s_self.masked_fill(~causal, float("-inf"))
-    p = torch.softmax(torch.cat([s_prefix, s_self], dim=-1), dim=-1).to(q.dtype)
-    out = torch.matmul(p[..., :P], pv) + torch.matmul(p[..., P:], v)  # [B, Hkv, G*T, d]
-    return out.reshape(B, H, T, d)
+    P = pk.shape[2]
+    k = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)
+    v = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
+    mask = torch.ones(T, P + T, dtype=torch.bool, device=q.device).tril(diagonal=P)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
 
 
 def _heads(x, n, d):  # [B, T, n*d] -> [B, n, T, d]

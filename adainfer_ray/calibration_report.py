@@ -1,0 +1,122 @@
+"""The calibration report: what each feature mode and threshold would cost in agreement and save.
+
+`write_report(result, folder)` writes
+    report.md                   the promise, the chosen policy, and a table per family
+    calibration.json            the summary and every (family, threshold) row
+    savings_vs_agreement.png    FLOPs saved against agreement with the full model, one line per family
+and returns the folder. Rendering only: the numbers come from `calibrate.calibrate`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from adainfer_ray.calibrate import CalibrationResult
+
+
+def _pct(x, digits=1):
+    return "—" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def _table(rows: list[dict], has_gold: bool) -> list[str]:
+    head = "| threshold | exits early | layers skipped | FLOPs saved | agreement | disagreements | p-value | accepted |"
+    if has_gold:
+        head += " accuracy |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        line = (f"| {r['threshold']:.4f} | {_pct(r['exit_early_share'])} | {_pct(r['layers_skipped'])} | "
+                f"{_pct(r['flops_saved'])} | {_pct(r['agreement'], 2)} | {r['disagreements']} | "
+                f"{r['p_value']:.3g} | {'yes' if r['accepted'] else ''} |")
+        lines.append(line + (f" {_pct(r['accuracy'], 2)} |" if has_gold else ""))
+    return lines
+
+
+def _rows_to_show(rows: list[dict], every: int = 10) -> list[dict]:
+    """Every `every`-th candidate, plus the last accepted one and its successor (the first failure)."""
+    last = max((r["rank"] for r in rows if r["accepted"]), default=-1)
+    return [r for r in rows if r["rank"] % every == 0 or r["rank"] in (last, last + 1)]
+
+
+def render_markdown(result: CalibrationResult) -> str:
+    s, meta = result.summary, result.policy.metadata
+    has_gold = s["full_depth_accuracy"] is not None
+    lines = [
+        "# Exit policy calibration",
+        "",
+        f"Model `{meta.get('model_id', '?')}` ({meta.get('model_hash', '?')}), task `{meta.get('task', '?')}` "
+        f"(prompt {meta.get('task_fingerprint', '?')}), input `{meta.get('input', '?')}`.",
+        f"Calibration sample: {s['calibration_size']} items, {s['fit_size']} to fit probes and exit rules, "
+        f"{s['test_size']} to test thresholds (seed {s['seed']}).",
+        f"Guarantee asked: disagreement with the full model <= {s['epsilon']} with probability >= {1 - s['delta']:.3g}; "
+        f"delta split over {len(s['modes'])} feature modes ({', '.join(s['modes'])}): {s['delta_per_mode']:.3g} each, "
+        f"which accepts up to {_pct(s['tolerated_disagreement'], 2)} disagreement on the test part.",
+        f"Exit rules: `{s['score']}` scores; each mode's rule and min_layer were chosen on the fit part.",
+        "",
+        "**Result.** " + s["message"],
+        "",
+    ]
+    if s["guaranteed"]:
+        lines += [f"Chosen: features `{s['features']}`, rule `{s['rule']}`, min_layer {s['min_layer']}, threshold {s['threshold']:.4f}"
+                  + (f"; accuracy on the test part {_pct(s['accuracy'], 2)} vs {_pct(s['full_depth_accuracy'], 2)} at full depth."
+                     if has_gold else "."), ""]
+    if has_gold:
+        lines += ["## The paper's criterion (no guarantee)", "",
+                  "Per mode, the threshold with the most layers skipped whose accuracy on the test part is at most "
+                  "1 point below full depth "
+                  f"({_pct(s['full_depth_accuracy'], 2)} on {s['gold_items']} items). Chosen and measured on the same "
+                  "items, so optimistic.", "",
+                  "| mode | threshold | layers skipped | FLOPs saved | agreement | accuracy |", "|---|---|---|---|---|---|"]
+        for mode, r in s["paper_criterion"].items():
+            lines.append(f"| {mode} | — | — | — | — | — |" if r is None else
+                         f"| {mode} | {r['threshold']:.4f} | {_pct(r['layers_skipped'])} | {_pct(r['flops_saved'])} | "
+                         f"{_pct(r['agreement'], 2)} | {_pct(r['accuracy'], 2)} |")
+        lines.append("")
+    lines += ["## Every mode", "",
+              "Candidate thresholds from the most conservative down (every 10th shown, plus the last accepted and the first "
+              "failure; calibration.json has them all). Shares are means over the test part; FLOPs saved is "
+              "against a full-depth run that also reuses the prompt prefix.", ""]
+    for mode in dict.fromkeys(r["mode"] for r in result.rows):
+        mode_rows = [r for r in result.rows if r["mode"] == mode]
+        lines += [f"### {mode}: `{mode_rows[0]['rule']}`, min_layer {mode_rows[0]['min_layer']}", ""]
+        lines += _table(_rows_to_show(mode_rows), has_gold) + [""]
+    lines += ["![FLOPs saved against agreement](savings_vs_agreement.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_savings(result: CalibrationResult, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = result.summary
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode in dict.fromkeys(r["mode"] for r in result.rows):
+        rows = [r for r in result.rows if r["mode"] == mode]
+        label = f"{mode}: {rows[0]['rule']}, min_layer {rows[0]['min_layer']}"
+        line, = ax.plot([100 * r["agreement"] for r in rows], [100 * r["flops_saved"] for r in rows], label=label)
+        acc = [r for r in rows if r["accepted"]]
+        if acc:
+            ax.plot(100 * acc[-1]["agreement"], 100 * acc[-1]["flops_saved"], "o", color=line.get_color())
+    ax.axvline(100 * (1 - s["epsilon"]), color="grey", ls="--", lw=1, label=f"1 - epsilon = {1 - s['epsilon']:.3g}")
+    ax.set_xlabel("agreement with the full model on the test part (%)")
+    ax.set_ylabel("FLOPs saved by exiting (%)")
+    ax.set_xlim(max(50.0, 100 * min(r["agreement"] for r in result.rows)), 100.2)
+    ax.set_title("Savings against agreement (dots: last threshold accepted by Learn-then-Test)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(result: CalibrationResult, folder: str) -> str:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "report.md"), "w") as f:
+        f.write(render_markdown(result))
+    with open(os.path.join(folder, "calibration.json"), "w") as f:
+        json.dump({"summary": result.policy.metadata, "rows": result.rows}, f, indent=1)
+    plot_savings(result, os.path.join(folder, "savings_vs_agreement.png"))
+    print(render_markdown(result).split("## Every mode")[0].rstrip())
+    return folder

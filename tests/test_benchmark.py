@@ -1,0 +1,122 @@
+"""`jobs/benchmark.py --quick` runs end to end and writes sane numbers (never checks speed).
+
+The model is a tiny random Llama saved as a local folder with the default model's tokenizer, so the
+smoke test takes seconds; the exit policy is a stand-in fitted by the benchmark itself (--policy fit).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adainfer_ray.benchmark import QUICK_ITEMS, REQUIRED_SETTINGS
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED_KEYS = ("items_per_s", "speedup_vs_hf", "mean_exit_layer", "ideal_speedup", "realized_fraction",
+                 "accuracy", "agreement", "peak_mem_mb", "achieved_flops_per_s")
+SENTENCES = [
+    ("a warm , funny and moving film", 1), ("the plot is a dull , plodding mess", 0),
+    ("one of the best performances of the year", 1), ("i wanted my money back", 0),
+    ("sharp writing and a great cast", 1), ("it never finds its footing", 0),
+    ("a delight from start to finish", 1), ("boring , long and badly acted", 0),
+    ("beautifully shot and deeply felt", 1), ("the jokes fall flat every time", 0),
+    ("an unexpected joy", 1), ("a waste of a talented director", 0),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A 4-layer random Llama with the default model's tokenizer, saved as a Hugging Face folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from adainfer_ray.models import ensure_default_model
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(ensure_default_model())
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_tsv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "dev.tsv"
+    # SST-2's format: a header, then `sentence \tlabel` with a trailing space before the tab.
+    path.write_text("sentence\tlabel\n" + "".join(f"{s} \t{y}\n" for s, y in SENTENCES))
+    return path
+
+
+def run_quick(tmp_path, model_dir, tsv, *extra):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, str(ROOT / "jobs" / "benchmark.py"), "--quick", "--model", str(model_dir),
+           "--data", str(tsv), "--policy", "fit", "--fit-data", str(tsv), "--threads", "1",
+           "--out", str(out), *extra]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def test_quick_benchmark_writes_sane_numbers(tmp_path, tiny_model_dir, tiny_tsv):
+    out, proc = run_quick(tmp_path, tiny_model_dir, tiny_tsv)
+    result = json.loads((out / "benchmark.json").read_text())
+    md = (out / "benchmark.md").read_text()
+    assert result["matmul_flops_per_s"] > 0 and math.isfinite(result["matmul_flops_per_s"])
+    assert result["machine"]["device"] == "cpu" and result["machine"]["threads"] == 1
+    assert result["data"]["items"] == min(QUICK_ITEMS, len(SENTENCES))
+    settings = result["settings"]
+    for name in REQUIRED_SETTINGS + ("engine_full_prefix", "hf_forward_last"):
+        r = settings[name]
+        for key in REQUIRED_KEYS:
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), (name, key, r[key])
+        assert r["items_per_s"] > 0 and r["achieved_flops_per_s"] > 0 and r["ideal_speedup"] >= 1.0
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["agreement"] <= 1
+        assert 1 <= r["mean_exit_layer"] <= result["model"]["layers"]
+        assert r["peak_mem_mb"] >= 0
+        assert f"`{name}`" in md  # every setting has a row in the table
+    # The engine at full depth computes the model's own answer on the same token ids.
+    assert settings["engine_full"]["agreement"] == 1.0
+    assert settings["engine_full_prefix"]["agreement"] == 1.0
+    assert settings["hf_forward_last"]["agreement"] == 1.0
+    # Fixed batches and regrouping exit at the same layers with the same answers; only the schedule differs.
+    assert settings["exit_fixed_batches"]["mean_exit_layer"] == settings["exit_regrouped"]["mean_exit_layer"]
+    assert settings["exit_fixed_batches"]["agreement"] == settings["exit_regrouped"]["agreement"]
+    for target in ("regrouped_realizes_90pct_of_ideal", "prefix_exit_5x_hf", "engine_full_not_slower_than_hf"):
+        assert target in result["targets"]
+    assert "Machine:" in md and "Command:" in md and (out / "standin-policy" / "policy.json").exists()
+
+
+def test_default_policy_missing_fails_clearly_or_loads(tmp_path, tiny_model_dir, tiny_tsv):
+    """`--policy default` names the shipped folder when it is missing (and never a traceback)."""
+    from adainfer_ray.benchmark import DEFAULT_POLICY_DIR
+
+    cmd = [sys.executable, str(ROOT / "jobs" / "benchmark.py"), "--quick", "--model", str(tiny_model_dir),
+           "--data", str(tiny_tsv), "--out", str(tmp_path / "b")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0  # missing: a clear error; present: made for another model, refused
+    assert "Traceback" not in proc.stderr
+    if not (DEFAULT_POLICY_DIR / "policy.json").exists():
+        assert "shipped default exit policy" in proc.stderr and "--policy" in proc.stderr
+    else:
+        assert "recalibrate" in proc.stderr or "policy" in proc.stderr
+
+
+def test_help_lists_every_flag_with_defaults():
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "benchmark.py"), "--help"], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0
+    for flag in ("--data", "--limit", "--out", "--max-batch-tokens", "--hf-batch-tokens", "--device", "--quick",
+                 "--rounds", "--policy", "--model"):
+        assert flag in proc.stdout
+    assert "(default:" in proc.stdout
