@@ -20,6 +20,7 @@ import glob
 import hashlib
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -320,7 +321,7 @@ def main(argv=None) -> None:
         "input": args.input, "input_filters": {"min_words": args.min_words, "shuffle": args.shuffle,
                                                "rows": args.rows, "limit": args.limit},
         "created_by": "jobs/calibrate.py", "adainfer_ray_version": adainfer_ray.__version__,
-        "command": " ".join(["python", "jobs/calibrate.py"] + (argv if argv is not None else sys.argv[1:])),
+        "command": shlex.join(["python", "jobs/calibrate.py"] + (argv if argv is not None else sys.argv[1:])),
     }
     result = cal.calibrate(trace, ModelDims.from_config(lm.config), prefix_tokens, len(task.labels),
                            epsilon=args.epsilon, delta=args.delta, features=args.features, score=args.score,

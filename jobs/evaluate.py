@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 
 try:
@@ -92,7 +93,7 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "evaluation.json"), "w") as f:
         json.dump({"input": args.input, "task": task.to_dict(), "model": lm.model_id, "model_hash": lm.model_hash,
-                   "command": " ".join(["python", "jobs/evaluate.py"] + (argv if argv is not None else sys.argv[1:])),
+                   "command": shlex.join(["python", "jobs/evaluate.py"] + (argv if argv is not None else sys.argv[1:])),
                    "rows": rows}, f, indent=1)
     with open(os.path.join(args.out, "evaluation.md"), "w") as f:
         f.write(md + "\n")
