@@ -80,8 +80,8 @@ def _binom_cdf_logspace(k: int, n: int, p: float) -> float:
         return 1.0
     if p >= 1.0:
         return 0.0
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
-            for i in range(k + 1)]
+    log_choose = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) for i in range(k + 1)]
+    logs = [c + i * math.log(p) + (n - i) * math.log1p(-p) for i, c in enumerate(log_choose)]
     top = max(logs)  # log-sum-exp: terms can be far below the smallest float
     return min(1.0, math.exp(top) * sum(math.exp(x - top) for x in logs))
 
@@ -116,7 +116,7 @@ def learn_then_test(losses, n: int, epsilon: float, delta: float) -> tuple[int |
 
 
 def decision_values(policy: ExitPolicy, top: np.ndarray, gap: np.ndarray) -> np.ndarray:
-    """The SVM's decision after every layer: top, gap [n, L] -> [n, L] (layers run = column + 1)."""
+    """The exit rule's score after every layer: top, gap [n, L] -> [n, L] (layers run = column + 1)."""
     L = top.shape[1]
     return policy.decision_function(exit_inputs(top, gap, np.arange(1, L + 1), L))
 
@@ -279,7 +279,8 @@ def tolerated_rate(n: int, epsilon: float, delta: float) -> float:
 
 def _outcomes(policy, thresholds, idx, labels, top, gap, final):
     """Exit layers [m, K] and disagreement with the full model [m, K] of items idx at every threshold."""
-    dec = np.concatenate([decision_values(policy, top[c], gap[c]) for c in np.array_split(idx, max(1, len(idx) // 1000))])
+    chunks = np.array_split(idx, max(1, len(idx) // 1000))  # bounded memory for RBF SVMs
+    dec = np.concatenate([decision_values(policy, top[c], gap[c]) for c in chunks])
     exits = simulate_exits(dec, thresholds, policy.min_layer)
     return exits, exit_answers(exits, labels[idx], final[idx]) != final[idx, None]
 
@@ -353,7 +354,8 @@ def calibrate(trace: dict, dims: ModelDims, prefix_tokens: int, num_labels: int,
                                       for c in np.array_split(fit_idx, max(1, n_fit // 1000))])
             thresholds = candidate_thresholds(dec_fit, rule.min_layer, num_thresholds)
             exits, wrong = _outcomes(rule, thresholds, fit_idx, labels, top, gap, final)
-            saved = (full_reuse[fit_idx, None] - np.take_along_axis(used[fit_idx], exits - 1, 1)).sum(0) / full_reuse[fit_idx].sum()
+            spent = np.take_along_axis(used[fit_idx], exits - 1, 1)  # [n_fit, K]
+            saved = (full_reuse[fit_idx, None] - spent).sum(0) / full_reuse[fit_idx].sum()
             ok = wrong.mean(0) <= target
             value = saved[ok].max() if ok.any() else -np.inf
             if chosen is None or value > chosen[0]:
@@ -381,11 +383,13 @@ def calibrate(trace: dict, dims: ModelDims, prefix_tokens: int, num_labels: int,
         mode_rows = rows[-len(thresholds):]
         if accepted is None:
             log(f"  {mode:5s} {rule.rule_}, min_layer {rule.min_layer}: no threshold keeps the promise (most "
-                f"conservative: {mode_rows[0]['disagreements']} disagreements in {n_test}, p = {pvalues[0]:.3g} > {delta_each:.3g})")
+                f"conservative: {mode_rows[0]['disagreements']} disagreements in {n_test}, "
+                f"p = {pvalues[0]:.3g} > {delta_each:.3g})")
             continue
         row = mode_rows[accepted]
         log(f"  {mode:5s} {rule.rule_}, min_layer {rule.min_layer}, threshold {row['threshold']:.4f}: "
-            f"{row['layers_skipped']:.1%} layers skipped, {row['flops_saved']:.1%} FLOPs saved, agreement {row['agreement']:.2%}")
+            f"{row['layers_skipped']:.1%} layers skipped, {row['flops_saved']:.1%} FLOPs saved, "
+            f"agreement {row['agreement']:.2%}")
         if best is None or row["flops_saved"] > best[1]["flops_saved"]:
             best = (rule, row, exits[:, accepted])
 

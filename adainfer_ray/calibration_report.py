@@ -48,7 +48,8 @@ def render_markdown(result: CalibrationResult) -> str:
         f"(prompt {meta.get('task_fingerprint', '?')}), input `{meta.get('input', '?')}`.",
         f"Calibration sample: {s['calibration_size']} items, {s['fit_size']} to fit probes and exit rules, "
         f"{s['test_size']} to test thresholds (seed {s['seed']}).",
-        f"Guarantee asked: disagreement with the full model <= {s['epsilon']} with probability >= {1 - s['delta']:.3g}; "
+        f"Guarantee asked: disagreement with the full model <= {s['epsilon']} "
+        f"with probability >= {1 - s['delta']:.3g}; "
         f"delta split over {len(s['modes'])} feature modes ({', '.join(s['modes'])}): {s['delta_per_mode']:.3g} each, "
         f"which accepts up to {_pct(s['tolerated_disagreement'], 2)} disagreement on the test part.",
         f"Exit rules: `{s['score']}` scores; each mode's rule and min_layer were chosen on the fit part.",
@@ -57,25 +58,29 @@ def render_markdown(result: CalibrationResult) -> str:
         "",
     ]
     if s["guaranteed"]:
-        lines += [f"Chosen: features `{s['features']}`, rule `{s['rule']}`, min_layer {s['min_layer']}, threshold {s['threshold']:.4f}"
-                  + (f"; accuracy on the test part {_pct(s['accuracy'], 2)} vs {_pct(s['full_depth_accuracy'], 2)} at full depth."
-                     if has_gold else "."), ""]
+        chosen = (f"Chosen: features `{s['features']}`, rule `{s['rule']}`, min_layer {s['min_layer']}, "
+                  f"threshold {s['threshold']:.4f}")
+        if has_gold:
+            chosen += (f"; accuracy on the test part {_pct(s['accuracy'], 2)} "
+                       f"vs {_pct(s['full_depth_accuracy'], 2)} at full depth")
+        lines += [chosen + ".", ""]
     if has_gold:
         lines += ["## The paper's criterion (no guarantee)", "",
                   "Per mode, the threshold with the most layers skipped whose accuracy on the test part is at most "
                   "1 point below full depth "
                   f"({_pct(s['full_depth_accuracy'], 2)} on {s['gold_items']} items). Chosen and measured on the same "
                   "items, so optimistic.", "",
-                  "| mode | threshold | layers skipped | FLOPs saved | agreement | accuracy |", "|---|---|---|---|---|---|"]
+                  "| mode | threshold | layers skipped | FLOPs saved | agreement | accuracy |",
+                  "|---|---|---|---|---|---|"]
         for mode, r in s["paper_criterion"].items():
             lines.append(f"| {mode} | — | — | — | — | — |" if r is None else
                          f"| {mode} | {r['threshold']:.4f} | {_pct(r['layers_skipped'])} | {_pct(r['flops_saved'])} | "
                          f"{_pct(r['agreement'], 2)} | {_pct(r['accuracy'], 2)} |")
         lines.append("")
     lines += ["## Every mode", "",
-              "Candidate thresholds from the most conservative down (every 10th shown, plus the last accepted and the first "
-              "failure; calibration.json has them all). Shares are means over the test part; FLOPs saved is "
-              "against a full-depth run that also reuses the prompt prefix.", ""]
+              "Candidate thresholds from the most conservative down (every 10th shown, plus the last accepted "
+              "and the first failure; calibration.json has them all). Shares are means over the test part; "
+              "FLOPs saved is against a full-depth run that also reuses the prompt prefix.", ""]
     for mode in dict.fromkeys(r["mode"] for r in result.rows):
         mode_rows = [r for r in result.rows if r["mode"] == mode]
         lines += [f"### {mode}: `{mode_rows[0]['rule']}`, min_layer {mode_rows[0]['min_layer']}", ""]

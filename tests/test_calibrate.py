@@ -176,7 +176,8 @@ def test_engine_exits_where_the_simulation_says(tiny_trace, mode, score):
     result = run_calibrate(tiny_trace, features=mode, score=score, epsilon=0.2)
     policy = result.policy
     assert policy.features == mode and result.summary["guaranteed"]
-    labels, top, gap = cal.mode_features(trace, mode, policy.probes_.predict_proba(trace["hidden"]) if mode == "probe" else None)
+    proba = policy.probes_.predict_proba(trace["hidden"]) if mode == "probe" else None
+    labels, top, gap = cal.mode_features(trace, mode, proba)
     sim = cal.simulate_exits(cal.decision_values(policy, top, gap), [policy.threshold], policy.min_layer)[:, 0]
     out = EarlyExitEngine(lm, LABEL_IDS, policy=policy, prefix_ids=prefix).classify(items)
     # float16 hidden states in the trace vs float32 in the engine can flip a decision at the threshold
