@@ -135,11 +135,16 @@ def model_fingerprint(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def pick_device(device: str | None = None) -> tuple[torch.device, torch.dtype]:
-    """CUDA with bf16 (fp16 on older GPUs) when present, else CPU with fp32."""
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def pick_device(device: str | None = None, dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """CUDA with bf16 (fp16 on older GPUs) when present, else CPU with fp32; `dtype` overrides."""
     if device in (None, "", "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
+    if dtype not in (None, "auto"):
+        return dev, getattr(torch, dtype)
     if dev.type == "cuda":
         return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return dev, torch.float32
@@ -341,7 +346,8 @@ def wrap_model(model, tokenizer, model_id: str = "custom", model_hash: str = "")
     return family_of(cfg.model_type)(model.eval(), tokenizer, model_id, model_hash)
 
 
-def load_model(name_or_uri: str | None = None, device: str | None = None, trust_remote_code: bool = False) -> DecoderLM:
+def load_model(name_or_uri: str | None = None, device: str | None = None, dtype: str = "auto",
+               trust_remote_code: bool = False) -> DecoderLM:
     """Load `name_or_uri` (default: the embedded SmolLM2-135M-Instruct) ready for layer-by-layer runs."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -353,7 +359,7 @@ def load_model(name_or_uri: str | None = None, device: str | None = None, trust_
             "refused by default: pass --trust-remote-code only if you trust its source"
         )
     family_of(config_json.get("model_type", "?"))  # a clear error before any weights load
-    dev, dtype = pick_device(device)
+    dev, dtype = pick_device(device, dtype)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
