@@ -543,8 +543,14 @@ def _drop_done(table: pa.Table, done) -> pa.Table:
     return table.filter(pa.array(done[at] != mine))
 
 
+# Blocks of at most this many bytes: a large file then streams to the actors as many blocks (Ray
+# Data's default, 128 MiB, would make a 100 MB JSONL file one block: one actor, no progress shown).
+BLOCK_BYTES = 4 << 20
+
+
 def read_dataset(cfg: JobConfig, plan: Plan, ray, done=None):
     """The input as a Ray Dataset of io.INPUT_SCHEMA rows, less the ids in `done` (sorted id_keys)."""
+    ray.data.DataContext.get_current().target_max_block_size = BLOCK_BYTES
     done_ref = ray.put(done) if done is not None and len(done) else None
     if plan.embedded_rows is not None:
         tables = [_drop_done(t, done_ref) if done_ref is not None else t for t in plan.embedded_rows]

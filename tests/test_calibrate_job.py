@@ -198,3 +198,17 @@ def test_label_is_one_stage_of_a_users_ray_data_pipeline(ray_connected, tiny_mod
     assert len(out) == 64 and sorted(int(r["id"]) for r in out) == list(range(64))
     assert all(r["label"] in ("negative", "positive") and r["exit_layer"] == 4 for r in out)
     assert all("sentence" in r and "label" in r for r in out)  # the caller's columns ride along
+
+
+def test_a_policy_used_at_another_precision_warns_on_the_driver():
+    from adainfer_ray.pipeline import _warn_on_precision
+
+    policy = ExitPolicy.full_depth(4)
+    policy.features = "label"  # a calibrated policy records its promise, dtype and device
+    policy.metadata = {"guaranteed": True, "epsilon": 0.01, "delta": 0.05, "calibration_size": 100,
+                       "layers_skipped": 0.3, "dtype": "float32", "device": "cpu"}
+    said = []
+    _warn_on_precision(policy, "cpu", "auto", said.append)
+    assert said == []
+    _warn_on_precision(policy, "cuda", "auto", said.append)  # a GPU run computes in bf16
+    assert len(said) == 1 and "calibrated at float32" in said[0] and "bfloat16" in said[0]
