@@ -749,11 +749,12 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
         log(f"calibration: the sample's {len(calibration.sample)} rows are written; labeling the other rows")
     elif len(done):
         log(f"resuming: {len(done)} rows already in {cfg.output} are kept and not labeled again")
-    if rows_seen is None:
-        rows_seen = plan.embedded_rows and sum(len(t) for t in plan.embedded_rows) or io.estimate_rows(plan.files,
-                                                                                                        plan.format)
+    if rows_seen is None:  # the audit's size needs the corpus size: an estimate is enough
+        rows_seen = (sum(len(t) for t in plan.embedded_rows) if plan.embedded_rows is not None
+                     else io.estimate_rows(plan.files, plan.format))
         rows_seen = min(rows_seen, cfg.limit) if cfg.limit is not None else rows_seen
-    audit_rate = 0.0 if plan.policy.never_exits else max(cfg.audit_fraction, min(1.0, cfg.audit_rows / max(1, rows_seen)))
+    audit_rate = 0.0 if plan.policy.never_exits else \
+        max(cfg.audit_fraction, min(1.0, cfg.audit_rows / max(1, rows_seen)))
     ds = read_dataset(cfg, plan, ray, done)
     ds = _map_classifier(ds, cfg, plan.task, plan.policy, res, audit_rate=audit_rate,
                          gold_one_based=plan.gold_one_based)
