@@ -36,9 +36,9 @@ def parse_args(argv=None):
     cli.add_calibration_args(p)
     cli.add_scale_args(p)
     a = p.parse_args(argv)
-    cfg = cli.config_from_args(a, calibrate=a.sample)
-    task = "custom" if cfg.labels else cfg.task
-    return cfg, a.output or os.path.join("policies", f"{os.path.basename(cfg.model.rstrip('/'))}-{task}")
+    task = "custom" if a.labels else a.task
+    folder = a.output or os.path.join("policies", f"{os.path.basename(a.model.rstrip('/'))}-{task}")
+    return cli.config_from_args(a, calibrate=a.sample, output=folder), folder
 
 
 def calibrate(cfg, folder: str, command: str) -> int:

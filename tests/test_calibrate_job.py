@@ -51,6 +51,7 @@ def test_classify_and_calibrate_take_the_same_flags_into_the_same_config():
     classify_cfg = job("classify").parse_args(flags + ["--calibrate", "500"])
     calibrate_cfg, folder = job("calibrate").parse_args(flags + ["--sample", "500", "--output", "p/"])
     assert classify_cfg == JobConfig(**{**calibrate_cfg.__dict__, "output": classify_cfg.output})
+    assert calibrate_cfg.output == "p/"  # the policy folder is what calibrate writes
     assert classify_cfg.template == "T: {text}\nL é:" and classify_cfg.columns == ["label", "title", "body"]
     assert folder == "p/" and calibrate_cfg.calibrate == 500
 
