@@ -765,9 +765,11 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
     summary = report.summarize_run([cfg.output])
     if summary["rows"] == 0:
         log(f"the input holds no rows: {cfg.output} holds an empty table (empty.parquet) and {SIDECAR_NAME}")
-    elif len(done) and summary["rows"] == len(done):
+    elif len(done) and summary["rows"] == len(done) and calibration is None:
         log("nothing left to label: every input row was already in the output")
     policy = plan.policy
+    fresh_sample = calibration.sample if calibration is not None and calibration.sample is not None else None
+    resumed = len(done) - (len(fresh_sample) if fresh_sample is not None else 0)  # this run wrote the sample
     record = {
         "model": plan.model_id, "model_hash": plan.model_hash,
         "policy": calibration.folder if calibration else cfg.policy, "num_layers": plan.num_layers,
@@ -777,9 +779,9 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
         "dtype": run_precision(res.device_kind, cfg.dtype), "gpu_name": _gpu_name() if res.gpus_per_actor else None,
         "num_gpus": res.gpus_per_actor * res.max_actors, "num_actors": cfg.actors, "audit_rate": audit_rate,
         "start_time": started.isoformat(), "end_time": datetime.now(timezone.utc).isoformat(),
-        "wall_s": wall, "rows_this_run": summary["rows"] - len(done), "resumed_rows": len(done),
+        "wall_s": wall, "rows_this_run": summary["rows"] - resumed, "resumed_rows": resumed,
         "rows": summary["rows"], "errors": summary["error_rows"],
-        "rows_per_s": (summary["rows"] - len(done)) / wall if wall else None, "output": cfg.output,
+        "rows_per_s": (summary["rows"] - resumed) / wall if wall else None, "output": cfg.output,
         "summary": summary,
     }
     record["verdict"] = summary["verdict"] = report.run_verdict(summary, policy.promise)

@@ -238,6 +238,11 @@ class RunSummary:
         self.audit_rows = 0
         self.audit_agreeing = 0
         self.calibration_rows = 0
+        # Rows labeled by the policy (outside the --calibrate sample): what the promise is about.
+        self.policy_rows = 0
+        self.policy_layers_skipped = 0.0
+        self.policy_gold_rows = 0
+        self.policy_gold_correct = 0
         self.full_gold_rows = 0  # audited rows with a gold label: accuracy at full depth
         self.full_gold_correct = 0
         self.gold_rows = 0
@@ -332,6 +337,14 @@ class RunSummary:
         sample = (_column(batch, "calibration").fill_null(False).to_numpy(zero_copy_only=False)
                   if "calibration" in batch.schema.names else np.zeros(batch.num_rows, bool))
         self.calibration_rows += int(sample.sum())
+        policy_rows = has_label & ~sample
+        self.policy_rows += int(policy_rows.sum())
+        with np.errstate(invalid="ignore", divide="ignore"):
+            skipped = 1 - _numbers(batch, "exit_layer") / _numbers(batch, "num_layers")
+        self.policy_layers_skipped += float(np.nansum(np.where(policy_rows, skipped, 0.0)))
+        compared, same = _matches(label, _column(batch, "gold_label"), policy_rows)
+        self.policy_gold_rows += compared
+        self.policy_gold_correct += same
         full = _column(batch, "full_label")
         compared, same = _matches(label, full, has_label & ~sample)
         self.audit_rows += compared
@@ -384,6 +397,9 @@ class RunSummary:
             "audit_agreement": _proportion(self.audit_agreeing, self.audit_rows),
             "audit_disagreement_bound95": upper_bound(self.audit_rows - self.audit_agreeing, self.audit_rows),
             "calibration_rows": self.calibration_rows,
+            "outside_sample": {"rows": self.policy_rows,
+                               "layers_skipped_share": _ratio(self.policy_layers_skipped, self.policy_rows),
+                               "gold_accuracy": _proportion(self.policy_gold_correct, self.policy_gold_rows)},
             "full_depth_gold_accuracy": _proportion(self.full_gold_correct, self.full_gold_rows),
             "gold_accuracy": {**_proportion(self.gold_correct, self.gold_rows),
                               "rows_without_label": self.gold_rows_without_label},
@@ -1064,8 +1080,8 @@ def run_verdict(summary: dict, promise: dict | None) -> dict:
         out["message"] = "no row was audited, so this run cannot check the promise (see --audit-rows)"
     elif bound <= eps:
         out["ok"] = True
-        out["message"] = (f"the audit confirms it: {_n(disagreed)} of {_n(audited)} audited rows changed, "
-                          f"at most {_pct(bound)} at 95% confidence")
+        out["message"] = (f"promise confirmed by the audit: {_n(disagreed)} of {_n(audited)} audited labels "
+                          f"changed, at most {_pct(bound)} at 95% confidence")
     elif out["observed"] > eps:
         out["ok"] = False
         out["message"] = (f"WARNING: early exit changed {_n(disagreed)} of {_n(audited)} audited labels "
@@ -1092,8 +1108,10 @@ def job_summary(record: dict) -> str:
                      f"{_pct(s['layers_skipped_share'])}; FLOPs saved by early exit {_pct(_exit_share(s))} "
                      f"of a full-depth run with the same prefix reuse")
     if s["calibration_rows"]:
+        outside = s["outside_sample"]
         lines.append(f"calibration sample: {_n(s['calibration_rows'])} rows, labeled at full depth "
-                     f"(policy in {record['policy']})")
+                     f"(policy in {record['policy']}); the other {_n(outside['rows'])} rows skipped "
+                     f"{_pct(outside['layers_skipped_share'])} of layers")
     if verdict.get("promise"):
         lines.append("promise: " + verdict["promise"])
     elif record.get("policy_features") != "none":
@@ -1101,9 +1119,11 @@ def job_summary(record: dict) -> str:
     if verdict.get("audited_rows"):
         lines.append(f"audit: {_proportion_text(s['audit_agreement'])} agree with full depth")
     if verdict.get("message"):
-        lines.append(verdict["message"] if verdict["ok"] is False else "audit: " + verdict["message"])
-    if s["gold_accuracy"]["rows"]:
-        line = f"accuracy on {_n(s['gold_accuracy']['rows'])} rows with gold labels: {_pct(s['gold_accuracy']['share'])}"
+        lines.append(verdict["message"])
+    gold = s["outside_sample"]["gold_accuracy"] if s["calibration_rows"] else s["gold_accuracy"]
+    if gold["rows"]:
+        where = " outside the calibration sample" if s["calibration_rows"] else ""
+        line = f"accuracy on {_n(gold['rows'])} rows with gold labels{where}: {_pct(gold['share'])}"
         if s["full_depth_gold_accuracy"]["rows"]:
             line += (f" (full depth on the {_n(s['full_depth_gold_accuracy']['rows'])} audited ones: "
                      f"{_pct(s['full_depth_gold_accuracy']['share'])})")

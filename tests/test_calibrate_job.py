@@ -85,7 +85,7 @@ PROMISE = {"epsilon": 0.01, "delta": 0.05, "calibration_size": 2000, "layers_ski
 
 def test_the_audit_confirms_a_kept_promise():
     v = report.run_verdict(_summary(1000, 2), PROMISE)
-    assert v["ok"] and "confirms" in v["message"] and v["bound95"] < 0.01
+    assert v["ok"] and "confirmed" in v["message"] and v["bound95"] < 0.01
     assert "40.0% of the model's layers" in v["promise"] and "at most 1.0%" in v["promise"]
 
 
@@ -137,6 +137,8 @@ def test_classify_calibrate_labels_every_row_once_and_keeps_the_sample_at_full_d
     assert policy.metadata["calibration_size"] == 40 and policy.metadata["dtype"] == "float32"
     assert (tmp_path / "out" / "_policy" / "report" / "report.md").exists()
     assert run["policy"].endswith("_policy") and run["summary"]["calibration_rows"] == 40
+    assert run["resumed_rows"] == 0 and run["rows_this_run"] == 90  # the sample is this run's work
+    assert run["summary"]["outside_sample"]["rows"] == 50
 
     # rerun over the same output: the policy is reused, nothing is labeled again
     logged.clear()
