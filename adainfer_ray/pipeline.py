@@ -132,7 +132,7 @@ class Classifier:
         if threads:  # CPU actors share the node's cores
             torch.set_num_threads(threads)
         self.cfg = cfg
-        self.lm = load_model(cfg.model, cfg.device, cfg.trust_remote_code)
+        self.lm = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code)
         self.task = build_task(cfg)
         self.encoder = PromptEncoder(self.task, self.lm.tokenizer, self.lm.max_context)
         policy = load_policy(cfg.policy, self.lm.model_id, self.task)
