@@ -14,8 +14,9 @@ What the job promises (the README's "What the job guarantees" is the user's vers
 - everything that can be checked before the run (paths, columns, model, policy, output) fails fast,
   on the driver, before any actor starts;
 - re-running the same command over the same --output resumes: rows in readable output files are
-  kept and not labeled again (done_ids); a file cut short by a crash is unreadable, so it is deleted
-  and its rows are labeled again.
+  kept and not labeled again; what may be deleted, and which runs may continue an output, is
+  adainfer_ray.resume's to decide;
+- a row that kills its actor every time ends as an error row (adainfer_ray.runstate).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from adainfer_ray import io
+from adainfer_ray import io, resume, runstate
 from adainfer_ray.schema import OUTPUT_SCHEMA, SIDECAR_NAME
 
 POLICY_DIR = Path(__file__).parent / "data" / "policies"
@@ -63,6 +64,7 @@ class JobConfig:
     seed: int = 0
     limit: int | None = None
     trust_remote_code: bool = False
+    overwrite: bool = False  # replace an --output written by another model/policy/task/dtype
     extra: dict = field(default_factory=dict)
 
 
@@ -122,7 +124,7 @@ def audit_mask(ids, fraction: float, seed: int) -> np.ndarray:
 class Classifier:
     """Ray Data callable class: loads everything once, then maps a batch of rows to output rows."""
 
-    def __init__(self, cfg: JobConfig, threads: int | None = None):
+    def __init__(self, cfg: JobConfig, threads: int | None = None, run_state=None):
         import torch
 
         from adainfer_ray.engine import EarlyExitEngine
@@ -140,6 +142,8 @@ class Classifier:
         self.engine = EarlyExitEngine(self.lm, self.encoder.label_token_ids, policy, self.encoder.prefix_ids,
                                       reuse_prefix=cfg.reuse_prefix, max_batch_tokens=cfg.max_batch_tokens)
         self.calls = 0
+        self.run_state = run_state  # issue 12: node ids for _run.json; poison rows end (runstate.py)
+        runstate.register_actor(run_state)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.calls += 1
@@ -156,8 +160,9 @@ class Classifier:
                 errors[i] = "text is empty"
         ok = [i for i in range(n) if errors[i] is None]
         rows = _empty_rows(n, self.lm.num_layers)
-        if ok:
-            self._label([texts[i] for i in ok], ok, [batch["id"][i] for i in ok], rows, errors)
+        if ok:  # a retried block runs row by row, so that a row that kills the actor ends as an error row
+            runstate.label_block(self.run_state, batch["id"], ok, errors, lambda at: self._label(
+                [texts[i] for i in at], at, [batch["id"][i] for i in at], rows, errors))
         rows["id"] = np.array([str(x) for x in batch["id"]], dtype=object)
         rows["gold_label"] = np.array(batch["gold_label"], dtype=object)
         rows["error"] = np.array(errors, dtype=object)
@@ -166,6 +171,7 @@ class Classifier:
     def _label(self, texts, where, ids, rows, errors):
         """Run the engine on the good rows; if the block fails as a whole, retry item by item so
         that one poisonous row becomes one error row."""
+        runstate.crash_drill(texts)
         enc = self.encoder.encode(texts)
         audit = audit_mask(ids, self.cfg.audit_fraction, self.cfg.seed)
         try:
@@ -241,7 +247,7 @@ def preflight(cfg: JobConfig) -> dict:
     one line (JobError, io.InputError, PolicyError, UnsupportedModelError, FileNotFoundError)."""
     import json
 
-    _, files = io.list_files(cfg.input)
+    _, files, roots = io.list_files(cfg.input)
     fmt = io.detect_format(files[0], cfg.format)
     required = {"--text-column": cfg.text_column}
     if cfg.label_column:
@@ -285,7 +291,7 @@ def preflight(cfg: JobConfig) -> dict:
     policy = load_policy(cfg.policy, model_id, task)
     policy.check_compatible(model_hash, task.fingerprint(), num_layers)
     io.check_writable(cfg.output)
-    return {"files": files, "format": fmt, "has_id_column": present["--id-column"], "task": task,
+    return {"files": files, "roots": roots, "format": fmt, "has_id_column": present["--id-column"], "task": task,
             "model_id": model_id, "policy": policy, "model_hash": model_hash, "num_layers": num_layers}
 
 
@@ -298,54 +304,11 @@ def init_ray():
     return ray
 
 
-def id_keys(ids) -> np.ndarray:
-    """Ids as fixed-width 16-byte digests, which sort and search like numbers: 50M finished ids take
-    800 MB, and two different ids share a digest with odds of about 2^-128, so none is skipped by chance."""
-    return np.array([hashlib.blake2b(str(i).encode(), digest_size=16).digest() for i in ids], dtype="S16")
-
-
-def done_ids(output: str) -> np.ndarray:
-    """The sorted id_keys of the rows an earlier, interrupted run of this job already wrote (resumption).
-
-    Ray writes each output file in place; Parquet puts its footer last, so a file that a crash cut
-    short cannot be opened: it is deleted here and its rows are labeled again. A readable file is
-    complete. A readable file of another shape is not ours to delete: the run stops instead."""
-    import pyarrow.parquet as pq
-
-    fs, _ = io.output_fs(output)
-    keys = []
-    for path in io.output_files(output):
-        try:
-            with fs.open(path, "rb") as f:
-                pf = pq.ParquetFile(f)
-                foreign = pf.schema_arrow.names != OUTPUT_SCHEMA.names
-                ids = None if foreign else pf.read(columns=["id"]).column("id").to_pylist()
-        except Exception:  # noqa: BLE001 - cut short (or damaged): its rows are labeled again
-            fs.rm(path)
-            continue
-        if foreign:
-            raise JobError(f"output {output} holds {path}, which is not this job's output: "
-                           "pick an empty --output folder (or the folder of the run to resume)")
-        keys.append(id_keys(ids))
-    return np.sort(np.concatenate(keys)) if keys else np.zeros(0, "S16")
-
-
 def _read_files(batch, fmt, text_column, id_column, label_column, done=None):
     """Rows of each file in the batch, less those an earlier run already wrote (`done`)."""
-    for path in batch["path"]:
-        for table in io.read_rows(str(path), fmt, text_column, id_column, label_column):
-            yield _drop_done(table, done) if done is not None else table
-
-
-def _drop_done(table: pa.Table, done) -> pa.Table:
-    """Drop the rows an earlier run wrote. `done` (an ObjectRef of the sorted done_ids array) is put
-    into Ray's object store once and read in place by every task, not copied into each of them."""
-    import ray
-
-    done = ray.get(done)
-    mine = id_keys(table.column("id").to_pylist())
-    at = np.searchsorted(done, mine).clip(max=len(done) - 1)
-    return table.filter(pa.array(done[at] != mine))
+    for path, root in zip(batch["path"], batch["root"]):
+        for table in io.read_rows(str(path), fmt, text_column, id_column, label_column, root=str(root)):
+            yield resume.drop_done(table, done) if done is not None else table
 
 
 def run_classify(cfg: JobConfig, log=print) -> dict:
@@ -354,31 +317,39 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
     t0 = time.perf_counter()
     checked = preflight(cfg)
     if not checked["has_id_column"]:
-        log(f"no column {cfg.id_column!r} in the input: ids are derived as <file name>:<row number>")
-    done = done_ids(cfg.output)
-    if len(done):
-        log(f"resuming: {len(done)} rows already in {cfg.output} are kept and not labeled again")
+        log(f"no column {cfg.id_column!r} in the input: ids are derived as <file path under the input>:<row number>")
     ray = init_ray()
     resources = ray.cluster_resources()
     gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if resources.get("GPU", 0) > 0 else 0.0)
+    # issue 12: who wrote the output; refuse to mix, keep the history of runs (adainfer_ray/resume.py)
+    identity = {"model_hash": checked["model_hash"], "policy_fingerprint": resume.policy_fingerprint(checked["policy"]),
+                "task_fingerprint": checked["task"].fingerprint(), "dtype": _dtype(cfg.device, gpus)}
+    previous = resume.check_same_run(cfg.output, identity, cfg.overwrite, log)
+    done = resume.done_ids(cfg.output, log)
+    if len(done):
+        log(f"resuming: {len(done)} rows already in {cfg.output} are kept and not labeled again")
+    runs = resume.start_record(cfg.output, previous, identity, {"start_time": started.isoformat(),
+                                                                "device": "cuda" if gpus else "cpu"})
+    state = runstate.start(f"{started:%Y%m%dT%H%M%S}-{os.getpid()}")
     actors = parse_actors(cfg.actors)
     max_actors = actors if isinstance(actors, int) else actors[1]
     # CPU actors: torch uses the node's cores, but each actor reserves only one Ray CPU so that the
     # readers and writers (one CPU each) can still be scheduled beside it.
     threads = None if gpus else max(1, int(resources.get("CPU", 1)) // max_actors)
     memory_in = cfg.input.startswith("memory://")
-    files = checked["files"]
+    files, roots = checked["files"], checked["roots"]
     read_args = dict(fmt=checked["format"], text_column=cfg.text_column, label_column=cfg.label_column,
                      id_column=cfg.id_column if checked["has_id_column"] else None,
                      done=ray.put(done) if len(done) else None)
     if memory_in:  # memory:// lives in this process only: read here, hand the rows to Ray
-        tables = [t for f in files for t in _read_files({"path": [f]}, **read_args)]
+        tables = [t for f, r in zip(files, roots) for t in _read_files({"path": [f], "root": [r]}, **read_args)]
         ds = ray.data.from_arrow(tables or [io.INPUT_SCHEMA.empty_table()])
     else:
         # One read task per file. Half a CPU each (reading is light) also keeps Ray Data from fusing
         # the reads into the model actors, where one actor call would get a bundle of up to
         # --batch-size files: one actor reading everything, and a crash rerunning all of it.
-        ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files)).map_batches(
+        ds = ray.data.from_items([{"path": f, "root": r} for f, r in zip(files, roots)],
+                                 override_num_blocks=len(files)).map_batches(
             _read_files, batch_size=1, fn_kwargs=read_args, batch_format="numpy", num_cpus=0.5)
     if cfg.limit is not None:
         ds = ds.limit(cfg.limit)
@@ -386,9 +357,10 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
     # Classifier): on a cluster started elsewhere, workers inherit `ray start`'s environment instead.
     env = {k: v for k, v in os.environ.items() if k.startswith("ADAINFER_")}
     ds = ds.map_batches(
-        Classifier, fn_constructor_kwargs={"cfg": cfg, "threads": threads}, batch_size=cfg.batch_size,
-        batch_format="numpy", concurrency=actors, num_gpus=gpus, num_cpus=None if gpus else 1,
-        runtime_env={"env_vars": env} if env else None,
+        Classifier, fn_constructor_kwargs={"cfg": cfg, "threads": threads, "run_state": state},
+        batch_size=cfg.batch_size, batch_format="numpy", concurrency=actors, num_gpus=gpus,
+        num_cpus=None if gpus else 1, runtime_env={"env_vars": env} if env else None,
+        scheduling_strategy="SPREAD",  # issue 12: actors over as many nodes as there are, not packed on one
         # No retry settings needed: Ray Data restarts a dead actor without limit and runs the blocks
         # it held again (max_restarts=-1, max_task_retries=-1 are its defaults for actor pools).
     )
@@ -404,13 +376,19 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
     if not io.output_files(cfg.output):  # no rows at all: still leave a table that every reader can open
         io.write_parquet(cfg.output, "empty.parquet", OUTPUT_SCHEMA.empty_table())
     wall = time.perf_counter() - t0
+    actor_nodes = ray.get(state.actor_nodes.remote())
+    ray.kill(state)
     summary = summarize_output(cfg.output)
     if summary["rows"] == 0:
         log(f"the input holds no rows: {cfg.output} holds an empty table (empty.parquet) and {SIDECAR_NAME}")
     elif len(done) and summary["rows"] == len(done):
         log("nothing left to label: every input row was already in the output")
 
+    this_run = {**runs[-1], "end_time": datetime.now(timezone.utc).isoformat(), "wall_s": wall,
+                "rows_this_run": summary["rows"] - len(done), "gpu_name": _gpu_name() if gpus else None,
+                "num_gpus": gpus * max_actors, "num_actors": cfg.actors, "actor_nodes": actor_nodes}
     record = {
+        **identity, "runs": runs[:-1] + [this_run], "actor_nodes": actor_nodes,
         "model": checked["model_id"], "model_hash": checked["model_hash"],
         "policy": cfg.policy, "num_layers": checked["num_layers"], "policy_features": checked["policy"].features,
         "policy_metadata": checked["policy"].metadata, "task": checked["task"].to_dict(),
@@ -426,6 +404,20 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
     }
     io.write_json(cfg.output, SIDECAR_NAME, record)
     return record
+
+
+def _dtype(device: str, gpus: float) -> str:
+    """The dtype the actors compute in (models.pick_device): fp32 on CPU; on CUDA bf16, or fp16 where
+    bf16 is missing, which only a GPU can tell: a driver without one records `cuda-half`."""
+    if device == "cpu" or (device == "auto" and not gpus):
+        return "float32"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cuda-half"
+    from adainfer_ray.models import pick_device
+
+    return str(pick_device("cuda")[1]).removeprefix("torch.")
 
 
 def _gpu_name():

@@ -28,7 +28,7 @@ def parse_args(argv=None) -> JobConfig:
                    help="input format; auto reads it from the file extension")
     g.add_argument("--text-column", default=d.text_column, help="column holding the text to label")
     g.add_argument("--id-column", default=d.id_column,
-                   help="column holding a row id; when absent, ids are derived as <file name>:<row number>")
+                   help="column holding a row id; when absent, ids are derived as <file path under --input>:<row number>")
     g.add_argument("--label-column", default=None,
                    help="optional gold-label column, copied to gold_label so reports can show accuracy "
                         "(the embedded corpus has one: `label`, used by default with it)")
@@ -62,6 +62,9 @@ def parse_args(argv=None) -> JobConfig:
     g = p.add_argument_group("output")
     g.add_argument("--output", default=d.output, help="output folder or fsspec URI for Parquet + _run.json; "
                    "re-running over the same folder resumes")
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete what --output holds first; needed when it was written with another model, "
+                        "policy, task or dtype (a rerun refuses to mix labels of two kinds)")
     g.add_argument("--audit-fraction", type=float, default=d.audit_fraction,
                    help="seeded share of rows also run to full depth (full_label) to measure agreement")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of the audit sample")
@@ -75,7 +78,8 @@ def parse_args(argv=None) -> JobConfig:
         template=a.template.encode().decode("unicode_escape") if a.template else None, demos=a.demos,
         model=a.model, policy=a.policy, device=a.device, actors=a.actors, gpus_per_actor=a.gpus_per_actor,
         batch_size=a.batch_size, max_batch_tokens=a.max_batch_tokens, reuse_prefix=not a.no_prefix_reuse,
-        audit_fraction=a.audit_fraction, seed=a.seed, limit=a.limit, trust_remote_code=a.trust_remote_code)
+        audit_fraction=a.audit_fraction, seed=a.seed, limit=a.limit, trust_remote_code=a.trust_remote_code,
+        overwrite=a.overwrite)
 
 
 def print_summary(run: dict) -> None:

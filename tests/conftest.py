@@ -12,9 +12,10 @@ import torch
 # ran the quick start has one (~/.ray/auth_token). Tests run that way too, with auth on, but with a
 # token of their own in a file that RAY_AUTH_TOKEN_PATH names (Ray reads it before ~/.ray/auth_token):
 # the user's token is neither read nor overwritten. Everything started from here (ray.init, the
-# cluster of cluster/local.sh, `ray job submit`, the job's driver) inherits it.
-if os.environ.get("RAY_AUTH_MODE") == "disabled":
-    del os.environ["RAY_AUTH_MODE"]
+# cluster of cluster/local.sh, `ray job submit`, the job's driver) inherits it. RAY_AUTH_MODE=token is
+# what `eval "$(cluster/local.sh env)"` exports; it is set before anything imports Ray, which reads it
+# once per process.
+os.environ["RAY_AUTH_MODE"] = "token"
 if not os.environ.get("RAY_AUTH_TOKEN"):
     _TOKEN = os.path.join(tempfile.mkdtemp(prefix="ray-token-"), "auth_token")
     with open(os.open(_TOKEN, os.O_WRONLY | os.O_CREAT, 0o600), "w") as _f:
