@@ -360,7 +360,7 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
         Classifier, fn_constructor_kwargs={"cfg": cfg, "threads": threads, "run_state": state},
         batch_size=cfg.batch_size, batch_format="numpy", concurrency=actors, num_gpus=gpus,
         num_cpus=None if gpus else 1, runtime_env={"env_vars": env} if env else None,
-        scheduling_strategy="SPREAD",  # issue 12: actors over as many nodes as there are, not packed on one
+        # Ray Data places pool actors with SPREAD (DataContext default): over the nodes, not packed on one.
         # No retry settings needed: Ray Data restarts a dead actor without limit and runs the blocks
         # it held again (max_restarts=-1, max_task_retries=-1 are its defaults for actor pools).
     )
