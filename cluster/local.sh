@@ -151,6 +151,20 @@ ensure_token() {
 # lives inside $STATE and belongs to no other cluster.
 cluster_pids() { pgrep -f -- "$STATE/ray/" || true; }
 
+# start_node K ARGS...: `ray start ARGS`, tried twice. Ray gives a raylet 30 s to register with the
+# GCS, which a loaded machine can miss; the failed node's processes are stopped before the retry.
+start_node() {
+    local k="$1" try pid
+    shift
+    for try in 1 2; do
+        ray start "$@" > "$STATE/start-n$k.log" 2>&1 && return 0
+        for pid in $(pgrep -f -- "$STATE/ray/n$k/" || true); do kill -KILL "$pid" 2>/dev/null || true; done
+        rm -rf "$STATE/ray/n$k"
+        [[ $try -eq 1 ]] && echo "$PROG: node $k did not start in time; trying once more" >&2
+    done
+    return 1
+}
+
 cmd_start() {
     parse_opts --nodes --port --dashboard-port --num-cpus --num-gpus -- "$@"
     need_ray
@@ -180,7 +194,7 @@ cmd_start() {
         else
             args+=(--address "127.0.0.1:$port" --resources "{\"node_$k\": 1}")
         fi
-        if ! ray start "${common[@]}" "${args[@]}" > "$STATE/start-n$k.log" 2>&1; then
+        if ! start_node "$k" "${common[@]}" "${args[@]}"; then
             cat "$STATE/start-n$k.log" >&2
             cluster_pids > "$STATE/pids"
             die "node $k did not start (log above); clean up with: $PROG stop"
