@@ -1,7 +1,9 @@
 """Reading corpora and writing results through fsspec + pyarrow: local paths, globs, s3://, gs://, memory://.
 
 Every reader yields pyarrow RecordBatches with the file's own columns plus `__row`, the row's
-position in its file, so that rows without an id column still get a stable one: `<file>:<row>`.
+position in its file, so that rows without an id column still get a stable one: `<file>:<row>`, the
+file named by its path relative to the input root (a folder, or the folder part of a glob), so that
+`a/part-0.jsonl` and `b/part-0.jsonl` give different ids.
 Schema checks run on the driver, before any actor starts, and name the columns that exist.
 """
 
@@ -40,25 +42,37 @@ def detect_format(path: str, fmt: str | None = None) -> str:
     raise InputError(f"cannot tell the format of {path} from its name: pass --format ({', '.join(FORMATS)})")
 
 
-def list_files(uri: str | list[str]) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """Expand a path, folder, glob or URI (or several) into files; folders yield their data files."""
+def list_files(uri: str | list[str]) -> tuple[fsspec.AbstractFileSystem, list[str], list[str]]:
+    """Expand a path, folder, glob or URI (or several) into files; folders yield their data files.
+    Returns (fs, files, roots): roots[i] is the folder that files[i] was found under (the folder
+    itself, the part of a glob before its first wildcard, a file's own folder), for derived ids."""
     uris = [uri] if isinstance(uri, str) else list(uri)
-    files, fs = [], None
+    files, roots, fs = [], [], None
     for u in uris:
         fs, root = fsspec.core.url_to_fs(u)
         if any(ch in root for ch in "*?["):
             found = sorted(fs.glob(root))
+            base = root[: min(root.index(ch) for ch in "*?[" if ch in root)].rsplit("/", 1)[0]
         elif fs.isdir(root):
             found = sorted(p for p in fs.find(root) if os.path.splitext(p.removesuffix(".gz"))[1].lower() in _EXTENSIONS
                            and not os.path.basename(p).startswith(("_", ".")))
+            base = root
         elif fs.exists(root):
-            found = [root]
+            found, base = [root], root.rstrip("/").rsplit("/", 1)[0]
         else:
             raise InputError(f"input {u} does not exist: check --input (a file, folder, glob or URI)")
         if not found:
             raise InputError(f"input {u} matches no data files ({', '.join(sorted(_EXTENSIONS))}): check --input")
-        files += [fs.unstrip_protocol(p) if "://" in u else p for p in found]
-    return fs, files
+        unstrip = fs.unstrip_protocol if "://" in u else str
+        files += [unstrip(p) for p in found]
+        roots += [unstrip(base)] * len(found)
+    return fs, files, roots
+
+
+def relative_name(path: str, root: str | None) -> str:
+    """The name of a file in derived ids: its path under the input root, else its base name."""
+    prefix = (root or "").rstrip("/") + "/"
+    return path[len(prefix):] if root and path.startswith(prefix) else os.path.basename(path)
 
 
 # The input schema every reader produces, whatever the file held: the classifier sees only this.
@@ -68,12 +82,14 @@ INPUT_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("gold_lab
 
 def read_rows(path: str, fmt: str, text_column: str, id_column: str | None = None,
               label_column: str | None = None, group_column: str | None = None,
-              columns: list[str] | None = None, batch_rows: int = 4096) -> Iterator[pa.Table]:
+              columns: list[str] | None = None, root: str | None = None,
+              batch_rows: int = 4096) -> Iterator[pa.Table]:
     """Stream one file as tables of INPUT_SCHEMA. A row whose text is not a string keeps its place
-    with `input_error` set; rows without an id column get `<file name>:<row number>`. `columns`
-    names the columns of a CSV/TSV file without a header row.
-    Every input row yields exactly one row here: bad rows are marked, never dropped."""
-    start, name = 0, os.path.basename(path)
+    with `input_error` set; rows without an id column get `<path under root>:<row number>` (see
+    list_files; without a root, the file's base name). `columns` names the columns of a CSV/TSV
+    file without a header row. Every input row yields exactly one row here: bad rows are marked,
+    never dropped."""
+    start, name = 0, relative_name(path, root)
     try:
         with fsspec.open(path, "rb", compression="infer") as f:
             for cols, n in _raw_batches(f, fmt, batch_rows, text_column, columns):
@@ -281,7 +297,10 @@ def output_files(uri: str) -> list[str]:
     fs, root = output_fs(uri)
     if not fs.exists(root):
         return []
-    return sorted(p for p in fs.find(root) if p.endswith(".parquet") and not os.path.basename(p).startswith((".", "_")))
+    # Not under a folder named _x or .x either: resume moves damaged files aside into _quarantine/.
+    base = root.rstrip("/") + "/"
+    return sorted(p for p in fs.find(root) if p.endswith(".parquet")
+                  and not any(part.startswith((".", "_")) for part in p.removeprefix(base).split("/")))
 
 
 def write_parquet(uri: str, name: str, table: pa.Table) -> str:

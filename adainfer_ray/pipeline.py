@@ -20,7 +20,9 @@ What the job promises (the README's "What the job guarantees" is the user's vers
 - everything that can be checked before the run (paths, columns, model, policy, output) fails fast,
   on the driver, before any actor starts;
 - re-running the same command over the same --output resumes: rows in readable output files are
-  kept and not labeled again (done_ids), and a calibrated policy in <output>/_policy/ is reused.
+  kept and not labeled again, and a calibrated policy in <output>/_policy/ is reused; what may be
+  deleted, and which runs may continue an output, is adainfer_ray.resume's to decide;
+- a row that kills its actor every time ends as an error row (adainfer_ray.runstate).
 """
 
 from __future__ import annotations
@@ -39,11 +41,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from adainfer_ray import io
+from adainfer_ray import io, resume, runstate
 from adainfer_ray.schema import OUTPUT_SCHEMA, SIDECAR_NAME
 
 EMBEDDED_CORPUS = Path(__file__).parent / "data" / "reviews.jsonl"
-POLICY_SUBDIR = "_policy"  # where --calibrate writes its policy, inside --output
+POLICY_SUBDIR = resume.POLICY_SUBDIR  # where --calibrate writes its policy, inside --output
 SAMPLE_FILE = "calibration-sample.parquet"  # the calibration sample's output rows, inside --output
 
 
@@ -162,7 +164,7 @@ class Classifier:
 
     def __init__(self, cfg: JobConfig, task, policy, threads: int | None = None, trace: bool = False,
                  audit_rate: float = 0.0, gold_one_based: bool = False, text_column: str = "text",
-                 id_column: str | None = "id", keep_columns: tuple = ()):
+                 id_column: str | None = "id", keep_columns: tuple = (), run_state=None):
         import torch
 
         from adainfer_ray.engine import EarlyExitEngine
@@ -181,6 +183,8 @@ class Classifier:
         policy.check_compatible(self.lm.model_hash, task.fingerprint(), self.lm.num_layers)
         self.engine = EarlyExitEngine(self.lm, self.encoder.label_token_ids, policy, self.encoder.prefix_ids,
                                       reuse_prefix=cfg.reuse_prefix, max_batch_tokens=cfg.max_batch_tokens)
+        self.run_state = run_state  # where this actor ran, and poison rows that end (runstate.py)
+        runstate.register_actor(run_state)
         self.calls = 0
 
     @classmethod
@@ -208,15 +212,20 @@ class Classifier:
                 errors[i] = "text is null" if batch[self.text_column][i] is None else "text is not a string"
             elif errors[i] is None and not t.strip():
                 errors[i] = "text is empty"
-        ok = [i for i in range(n) if errors[i] is None]
         rows = _empty_rows(n, self.lm.num_layers)
-        trace = None
-        if ok:
-            encoded = self.encoder.encode([texts[i] for i in ok])
+        traces = [None] * n  # trace mode: each row's per-layer features
+
+        def run(at: list[int]):  # label (or trace) the rows `at` of this batch
+            runstate.crash_drill([texts[i] for i in at])
+            encoded = self.encoder.encode([texts[i] for i in at])
             if self.trace:
-                trace = self._trace(encoded, ok, n, rows)
+                self._trace(encoded, at, rows, traces)
             else:
-                self._label(encoded, ok, [ids[i] for i in ok], rows, errors)
+                self._label(encoded, at, [ids[i] for i in at], rows, errors)
+
+        ok = [i for i in range(n) if errors[i] is None]
+        if ok:  # a retried block runs row by row, so that a row that kills the actor ends as an error row
+            runstate.label_block(self.run_state, ids, ok, errors, run)
         rows["id"] = np.array(ids, dtype=object)
         gold = batch.get("gold_label", [None] * n)
         rows["gold_label"] = np.array(gold_names(gold, self.task.labels, self.gold_one_based), dtype=object)
@@ -225,9 +234,9 @@ class Classifier:
         table = to_output_table(rows)
         for name in self.keep_columns:  # label(): the caller's own columns ride along
             table = table.append_column(name, pa.array(list(batch[name])))
-        if trace is not None:
-            for name, values in trace.items():
-                table = table.append_column(name, values)
+        if self.trace:
+            for key in TRACE_FEATURES + ("item_tokens",):  # one list per row, null where a row has no trace
+                table = table.append_column("trace_" + key, _list_column([tr and tr[key] for tr in traces]))
         return table
 
     def _label(self, encoded, where, ids, rows, errors):
@@ -247,9 +256,9 @@ class Classifier:
         for js, out in parts:
             self._fill(rows, np.array(where)[js], out, np.array(encoded.truncated)[js])
 
-    def _trace(self, encoded, where, n, rows) -> dict[str, pa.Array]:
-        """Full depth with every layer's exit features: the output rows, plus the trace as columns
-        (zeros on error rows; `traced` says which rows hold one)."""
+    def _trace(self, encoded, where, rows, traces):
+        """Full depth with every layer's exit features: fill the output rows (the full model's answer,
+        at full depth) and keep each row's trace. The exit heads' own FLOPs are not counted here."""
         from adainfer_ray.flops import item_flops
 
         tr = self.engine.trace(encoded.item_ids)
@@ -260,20 +269,9 @@ class Classifier:
                "full_label": tr["final_label"], "num_tokens": np.array([P + len(x) for x in encoded.item_ids]),
                **{"flops_" + k: np.array([f[k] for f in flops]) for k in ("used", "full", "full_reuse")}}
         self._fill(rows, np.array(where), out, np.array(encoded.truncated))
-        at = np.array(where)
-        columns = {"traced": np.zeros(n, bool), "item_tokens": np.zeros(n, np.int32)}
-        columns["traced"][at] = True
-        columns["item_tokens"][at] = [len(x) for x in encoded.item_ids]
-        for key in TRACE_FEATURES:
-            full = np.zeros((n,) + tr[key].shape[1:], tr[key].dtype)
-            full[at] = tr[key]
-            columns[key] = full
-        arrays = {}
-        for key, v in columns.items():
-            flat = pa.array(v.reshape(n, -1).ravel() if v.ndim > 1 else v)
-            arrays["trace_" + key] = (pa.FixedSizeListArray.from_arrays(flat, int(np.prod(v.shape[1:])))
-                                      if v.ndim > 1 else flat)
-        return arrays
+        for j, i in enumerate(where):
+            traces[i] = {**{key: tr[key][j] for key in TRACE_FEATURES},
+                         "item_tokens": np.array([len(encoded.item_ids[j])])}
 
     def _fill(self, rows, at, out, truncated):
         labels = np.array(self.task.labels, dtype=object)
@@ -289,6 +287,15 @@ class Classifier:
         rows["truncated"][at] = truncated
         audited = out["full_label"] >= 0
         rows["full_label"][at[audited]] = labels[out["full_label"][audited]]
+
+
+def _list_column(values: list) -> pa.Array:
+    """One float32 list per row from numpy arrays (flattened), null where a value is None."""
+    sizes = [0 if v is None else v.size for v in values]
+    offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32))
+    present = [v.ravel().astype(np.float32) for v in values if v is not None]
+    flat = pa.array(np.concatenate(present) if present else np.zeros(0, np.float32))
+    return pa.ListArray.from_arrays(offsets, flat, mask=pa.array([v is None for v in values]))
 
 
 # The per-layer exit features a trace holds ([L] per row; hidden: [L, D]), as the engine's trace names them.
@@ -340,6 +347,7 @@ class Plan:
     """What the driver resolved before any actor starts; actors receive these objects, never paths."""
 
     files: list[str]
+    roots: list[str]  # the input root each file was found under: derived ids are relative to it
     format: str
     has_id_column: bool
     task: object  # prompts.Task
@@ -359,7 +367,7 @@ def preflight(cfg: JobConfig, log=print) -> Plan:
     line (JobError, io.InputError, PolicyError, UnsupportedModelError, FileNotFoundError)."""
     from adainfer_ray.models import DTYPES
 
-    _, files = io.list_files(cfg.input)
+    _, files, roots = io.list_files(cfg.input)
     fmt = io.detect_format(files[0], cfg.format)
     required = {"--text-column": cfg.text_column}
     for flag, column in (("--label-column", cfg.label_column), ("--group-column", cfg.group_column)):
@@ -420,8 +428,8 @@ def preflight(cfg: JobConfig, log=print) -> Plan:
     embedded = None
     if cfg.input == str(EMBEDDED_CORPUS) or cfg.input.startswith("memory://"):
         # The embedded corpus and memory:// live on this machine only: read here, hand the rows to Ray.
-        embedded = [t for f in files for t in _read_file(f, fmt, cfg, present["--id-column"])]
-    return Plan(files=files, format=fmt, has_id_column=present["--id-column"], task=task, policy=policy,
+        embedded = [t for f, r in zip(files, roots) for t in _read_file(f, r, fmt, cfg, present["--id-column"])]
+    return Plan(files=files, roots=roots, format=fmt, has_id_column=present["--id-column"], task=task, policy=policy,
                 model_id=model_id, model_hash=model_hash, num_layers=dims.layers, dims=dims,
                 prefix_tokens=len(encoder.prefix_ids),
                 gold_one_based=_gold_is_one_based(files, fmt, cfg, task) if cfg.label_column else False,
@@ -487,60 +495,17 @@ def plan_resources(cfg: JobConfig, ray) -> Resources:
     return Resources(gpus, actors, None if gpus else max(1, node_cpus // per_node))
 
 
-def id_keys(ids) -> np.ndarray:
-    """Ids as fixed-width 16-byte digests, which sort and search like numbers: 50M finished ids take
-    800 MB, and two different ids share a digest with odds of about 2^-128, so none is skipped by chance."""
-    return np.array([hashlib.blake2b(str(i).encode(), digest_size=16).digest() for i in ids], dtype="S16")
-
-
-def done_ids(output: str) -> np.ndarray:
-    """The sorted id_keys of the rows an earlier, interrupted run of this job already wrote (resumption).
-
-    Ray writes each output file in place; Parquet puts its footer last, so a file that a crash cut
-    short cannot be opened: it is deleted here and its rows are labeled again. A readable file is
-    complete. A readable file of another shape is not ours to delete: the run stops instead."""
-    import pyarrow.parquet as pq
-
-    fs, _ = io.output_fs(output)
-    keys = []
-    for path in io.output_files(output):
-        try:
-            with fs.open(path, "rb") as f:
-                pf = pq.ParquetFile(f)
-                foreign = pf.schema_arrow.names != OUTPUT_SCHEMA.names
-                ids = None if foreign else pf.read(columns=["id"]).column("id").to_pylist()
-        except Exception:  # noqa: BLE001 - cut short (or damaged): its rows are labeled again
-            fs.rm(path)
-            continue
-        if foreign:
-            raise JobError(f"output {output} holds {path}, which is not this job's output: "
-                           "pick an empty --output folder (or the folder of the run to resume)")
-        keys.append(id_keys(ids))
-    return np.sort(np.concatenate(keys)) if keys else np.zeros(0, "S16")
-
-
-def _read_file(path: str, fmt: str, cfg: JobConfig, has_id_column: bool):
+def _read_file(path: str, root: str, fmt: str, cfg: JobConfig, has_id_column: bool):
     """One input file as tables of io.INPUT_SCHEMA: the one reader every step uses."""
     return io.read_rows(path, fmt, cfg.text_column, cfg.id_column if has_id_column else None,
-                        cfg.label_column, cfg.group_column, cfg.columns)
+                        cfg.label_column, cfg.group_column, cfg.columns, root=root)
 
 
 def _read_files(batch, fmt, cfg, has_id_column, done=None):
     """Rows of each file in the batch, less those an earlier run already wrote (`done`)."""
-    for path in batch["path"]:
-        for table in _read_file(str(path), fmt, cfg, has_id_column):
-            yield _drop_done(table, done) if done is not None else table
-
-
-def _drop_done(table: pa.Table, done) -> pa.Table:
-    """Drop the rows an earlier run wrote. `done` (an ObjectRef of the sorted done_ids array) is put
-    into Ray's object store once and read in place by every task, not copied into each of them."""
-    import ray
-
-    done = ray.get(done)
-    mine = id_keys(table.column("id").to_pylist())
-    at = np.searchsorted(done, mine).clip(max=len(done) - 1)
-    return table.filter(pa.array(done[at] != mine))
+    for path, root in zip(batch["path"], batch["root"]):
+        for table in _read_file(str(path), str(root), fmt, cfg, has_id_column):
+            yield resume.drop_done(table, done) if done is not None else table
 
 
 # Blocks of at most this many bytes: a large file then streams to the actors as many blocks (Ray
@@ -553,13 +518,14 @@ def read_dataset(cfg: JobConfig, plan: Plan, ray, done=None):
     ray.data.DataContext.get_current().target_max_block_size = BLOCK_BYTES
     done_ref = ray.put(done) if done is not None and len(done) else None
     if plan.embedded_rows is not None:
-        tables = [_drop_done(t, done_ref) if done_ref is not None else t for t in plan.embedded_rows]
+        tables = [resume.drop_done(t, done_ref) if done_ref is not None else t for t in plan.embedded_rows]
         ds = ray.data.from_arrow(tables or [io.INPUT_SCHEMA.empty_table()])
     else:
         # One read task per file. Half a CPU each (reading is light) also keeps Ray Data from fusing
         # the reads into the model actors, where one actor call would get a bundle of up to
         # --batch-size files: one actor reading everything, and a crash rerunning all of it.
-        ds = ray.data.from_items([{"path": f} for f in plan.files], override_num_blocks=len(plan.files)).map_batches(
+        items = [{"path": f, "root": r} for f, r in zip(plan.files, plan.roots)]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             _read_files, batch_size=1, batch_format="numpy", num_cpus=0.5,
             fn_kwargs=dict(fmt=plan.format, cfg=cfg, has_id_column=plan.has_id_column, done=done_ref))
     return ds.limit(cfg.limit) if cfg.limit is not None else ds
@@ -656,7 +622,7 @@ def draw_sample_cutoff(ds, size: int, seed: int) -> tuple[float, int]:
 
 
 def calibrate_policy(cfg: JobConfig, plan: Plan, ray, res: Resources, folder: str, size: int, log=print,
-                     command: str = "") -> Calibration:
+                     command: str = "", run_state=None) -> Calibration:
     """Draw a seeded uniform sample of `size` input rows, trace it at full depth through the job's
     own actors, calibrate on the driver (Learn-then-Test) and write the policy and its report to
     `folder` (local or fsspec). Used by `classify --calibrate N` and by jobs/calibrate.py."""
@@ -670,25 +636,26 @@ def calibrate_policy(cfg: JobConfig, plan: Plan, ray, res: Resources, folder: st
     log(f"calibration: tracing a seeded random sample of {min(size, seen)} of {seen} rows at full depth "
         "(every layer's exit features)...")
     sample = ds.map_batches(_in_sample, fn_kwargs={"seed": cfg.seed, "cutoff": cutoff}, batch_format="numpy")
-    traced = _map_classifier(sample, cfg, plan.task, plan.policy, res, trace=True,
+    traced = _map_classifier(sample, cfg, plan.task, plan.policy, res, trace=True, run_state=run_state,
                              gold_one_based=plan.gold_one_based, keep_columns=("group",))
     outputs, parts = [], []
     for batch in traced.iter_batches(batch_format="pyarrow", batch_size=None):
         outputs.append(batch.select(OUTPUT_SCHEMA.names))
-        keep = batch.column("trace_traced").to_numpy(zero_copy_only=False)
-        parts.append({"gold": batch.column("gold_label").to_pylist(), "keep": keep,
-                      **{k: _trace_column(batch.column("trace_" + k), plan.num_layers)
-                         for k in TRACE_FEATURES + ("item_tokens",)},
-                      "group": np.array(batch.column("group").to_pylist(), dtype=object)})
+        keep = batch.column("trace_item_tokens").is_valid().to_numpy(zero_copy_only=False)
+        parts.append({"gold": np.array(batch.column("gold_label").to_pylist(), dtype=object)[keep],
+                      "group": np.array(batch.column("group").to_pylist(), dtype=object)[keep],
+                      **{k: _trace_column(batch.column("trace_" + k).filter(pa.array(keep)), plan.num_layers)
+                         for k in TRACE_FEATURES + ("item_tokens",)}})
     sample_rows = pa.concat_tables(outputs) if outputs else OUTPUT_SCHEMA.empty_table()
-    trace = {k: np.concatenate([p[k][p["keep"]] for p in parts]) for k in TRACE_FEATURES + ("item_tokens",)} \
-        if parts else {}
+    trace = {k: np.concatenate([p[k] for p in parts]) for k in TRACE_FEATURES + ("item_tokens",)} if parts else {}
     if not trace or not len(trace["item_tokens"]):
         raise JobError("the calibration sample holds no row that could be labeled: check --input and --text-column")
+    for key in ("vocab_label", "label_label", "item_tokens"):
+        trace[key] = trace[key].astype(np.int64)
     trace["final_label"] = trace["label_label"][:, -1]
     labels = {name: i for i, name in enumerate(plan.task.labels)}
-    gold = np.concatenate([np.array([labels.get(g, -1) for g in p["gold"]])[p["keep"]] for p in parts])
-    groups = np.concatenate([p["group"][p["keep"]] for p in parts]) if cfg.group_column else None
+    gold = np.array([labels.get(g, -1) for p in parts for g in p["gold"]])
+    groups = np.concatenate([p["group"] for p in parts]) if cfg.group_column else None
     log(f"calibration: traced {len(gold)} rows in {time.perf_counter() - t0:.0f} s; fitting and testing exit rules...")
     device_kind = res.device_kind
     provenance = {
@@ -712,15 +679,16 @@ def calibrate_policy(cfg: JobConfig, plan: Plan, ray, res: Resources, folder: st
     return Calibration(result.policy, folder, result, sample_rows, seen)
 
 
-def _trace_column(column: pa.ChunkedArray, num_layers: int) -> np.ndarray:
-    """A trace column back to numpy: [n] for scalars, [n, L] or [n, L, D] for per-layer values."""
-    if not pa.types.is_fixed_size_list(column.type):
-        return column.to_numpy()
-    flat = column.combine_chunks()
-    values = flat.flatten().to_numpy(zero_copy_only=False)
-    width = column.type.list_size
-    n = len(flat)
-    return values.reshape(n, num_layers, -1).squeeze(-1) if width == num_layers else values.reshape(n, num_layers, -1)
+def _trace_column(column, num_layers: int) -> np.ndarray:
+    """A trace column (one list per row, all of one length) back to numpy: [n, L] per-layer values,
+    [n, L, D] hidden states, [n] item token counts."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    n = len(column)
+    if n == 0 or len(values) == n:  # one value per row
+        return values
+    per_layer = values.reshape(n, num_layers, -1)
+    return per_layer[..., 0] if per_layer.shape[-1] == 1 else per_layer
 
 
 # -- the job ------------------------------------------------------------------------------------------
@@ -734,21 +702,30 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
     t0 = time.perf_counter()
     plan = preflight(cfg, log)
     if not plan.has_id_column:
-        log(f"no column {cfg.id_column!r} in the input: ids are derived as <file name>:<row number>")
+        log(f"no column {cfg.id_column!r} in the input: ids are derived as <file path under --input>:<row number>")
     ray = init_ray()
     res = plan_resources(cfg, ray)
+    # Who writes this output: a rerun that would mix labels of two kinds is refused (resume.py).
+    identity = {"model_hash": plan.model_hash, "task_fingerprint": plan.task.fingerprint(),
+                "dtype": run_precision(res.device_kind, cfg.dtype)}
+    previous = resume.check_same_run(cfg.output, identity, cfg.overwrite, log)
+    state = runstate.start(f"{started:%Y%m%dT%H%M%S}-{os.getpid()}")
     calibration, rows_seen = None, None
     if cfg.calibrate:
-        calibration = _calibrate_or_resume(cfg, plan, ray, res, log)
+        calibration = _calibrate_or_resume(cfg, plan, ray, res, previous, state, log)
         plan = replace(plan, policy=calibration.policy)
         rows_seen = calibration.rows_seen
     else:
         _warn_on_precision(plan.policy, res.device_kind, cfg.dtype, log)
-    done = done_ids(cfg.output)
+    identity["policy_fingerprint"] = resume.policy_fingerprint(plan.policy)
+    resume.check_same_run(cfg.output, identity, False, log)
+    done = resume.done_ids(cfg.output, log)
     if calibration is not None and calibration.sample is not None:
         log(f"calibration: the sample's {len(calibration.sample)} rows are written; labeling the other rows")
     elif len(done):
         log(f"resuming: {len(done)} rows already in {cfg.output} are kept and not labeled again")
+    runs = resume.start_record(cfg.output, previous, identity, {"start_time": started.isoformat(),
+                                                                "device": res.device_kind})
     if rows_seen is None:  # the audit's size needs the corpus size: an estimate is enough
         rows_seen = (sum(len(t) for t in plan.embedded_rows) if plan.embedded_rows is not None
                      else io.estimate_rows(plan.files, plan.format))
@@ -757,11 +734,13 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
         max(cfg.audit_fraction, min(1.0, cfg.audit_rows / max(1, rows_seen)))
     ds = read_dataset(cfg, plan, ray, done)
     ds = _map_classifier(ds, cfg, plan.task, plan.policy, res, audit_rate=audit_rate,
-                         gold_one_based=plan.gold_one_based)
+                         gold_one_based=plan.gold_one_based, run_state=state)
     _write(ds, cfg.output, started)
     if not io.output_files(cfg.output):  # no rows at all: still leave a table that every reader can open
         io.write_parquet(cfg.output, "empty.parquet", OUTPUT_SCHEMA.empty_table())
     wall = time.perf_counter() - t0
+    actor_nodes = ray.get(state.actor_nodes.remote())
+    ray.kill(state)
     summary = report.summarize_run([cfg.output])
     if summary["rows"] == 0:
         log(f"the input holds no rows: {cfg.output} holds an empty table (empty.parquet) and {SIDECAR_NAME}")
@@ -770,38 +749,44 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
     policy = plan.policy
     fresh_sample = calibration.sample if calibration is not None and calibration.sample is not None else None
     resumed = len(done) - (len(fresh_sample) if fresh_sample is not None else 0)  # this run wrote the sample
+    this_run = {**runs[-1], "end_time": datetime.now(timezone.utc).isoformat(), "wall_s": wall,
+                "rows_this_run": summary["rows"] - resumed, "gpu_name": _gpu_name() if res.gpus_per_actor else None,
+                "num_gpus": res.gpus_per_actor * res.max_actors, "num_actors": cfg.actors, "actor_nodes": actor_nodes}
     record = {
-        "model": plan.model_id, "model_hash": plan.model_hash,
-        "policy": calibration.folder if calibration else cfg.policy, "num_layers": plan.num_layers,
-        "policy_features": policy.features, "policy_metadata": policy.metadata, "promise": policy.promise,
-        "task": plan.task.to_dict(), "template": plan.task.template, "labels": list(plan.task.labels),
-        "flags": asdict(cfg), "ray_version": ray.__version__, "device": res.device_kind,
-        "dtype": run_precision(res.device_kind, cfg.dtype), "gpu_name": _gpu_name() if res.gpus_per_actor else None,
-        "num_gpus": res.gpus_per_actor * res.max_actors, "num_actors": cfg.actors, "audit_rate": audit_rate,
-        "start_time": started.isoformat(), "end_time": datetime.now(timezone.utc).isoformat(),
-        "wall_s": wall, "rows_this_run": summary["rows"] - resumed, "resumed_rows": resumed,
-        "rows": summary["rows"], "errors": summary["error_rows"],
-        "rows_per_s": (summary["rows"] - resumed) / wall if wall else None, "output": cfg.output,
-        "summary": summary,
+        **identity, "runs": runs[:-1] + [this_run], "actor_nodes": actor_nodes,
+        "model": plan.model_id, "policy": calibration.folder if calibration else cfg.policy,
+        "num_layers": plan.num_layers, "policy_features": policy.features, "policy_metadata": policy.metadata,
+        "promise": policy.promise, "task": plan.task.to_dict(), "template": plan.task.template,
+        "labels": list(plan.task.labels), "flags": asdict(cfg), "ray_version": ray.__version__,
+        "device": res.device_kind, "gpu_name": this_run["gpu_name"], "num_gpus": this_run["num_gpus"],
+        "num_actors": cfg.actors, "audit_rate": audit_rate, "start_time": started.isoformat(),
+        "end_time": this_run["end_time"], "wall_s": wall, "rows_this_run": this_run["rows_this_run"],
+        "resumed_rows": resumed, "rows": summary["rows"], "errors": summary["error_rows"],
+        "rows_per_s": this_run["rows_this_run"] / wall if wall else None, "output": cfg.output, "summary": summary,
     }
     record["verdict"] = summary["verdict"] = report.run_verdict(summary, policy.promise)
     io.write_json(cfg.output, SIDECAR_NAME, record)
     return record
 
 
-def _calibrate_or_resume(cfg: JobConfig, plan: Plan, ray, res: Resources, log) -> Calibration:
+def _calibrate_or_resume(cfg: JobConfig, plan: Plan, ray, res: Resources, previous: dict | None, state,
+                         log) -> Calibration:
     """--calibrate: reuse the policy an earlier run of this output calibrated, or make it now and
     write the sample's rows (labeled at full depth while tracing: no extra cost)."""
     from adainfer_ray.policy import ExitPolicy
 
     fs, root = io.output_fs(cfg.output)
     folder = cfg.output.rstrip("/") + "/" + POLICY_SUBDIR
-    if fs.exists(posixpath.join(root, POLICY_SUBDIR, "policy.json")):
+    calibrated = fs.exists(posixpath.join(root, POLICY_SUBDIR, "policy.json"))
+    if previous is not None and not calibrated:
+        raise resume.ResumeError(f"--output {cfg.output} holds labels made without --calibrate: pick another "
+                                 "--output, or pass --overwrite to replace them")
+    if calibrated:
         policy = ExitPolicy.load(folder)
         policy.check_compatible(plan.model_hash, plan.task.fingerprint(), plan.num_layers)
         log(f"resuming: reusing the policy calibrated by the earlier run in {folder}")
         return Calibration(policy, folder, None, None, int(policy.metadata.get("rows_in_input") or 0) or None)
-    calibration = calibrate_policy(cfg, plan, ray, res, folder, cfg.calibrate, log)
+    calibration = calibrate_policy(cfg, plan, ray, res, folder, cfg.calibrate, log, run_state=state)
     io.write_parquet(cfg.output, SAMPLE_FILE, calibration.sample)
     return calibration
 

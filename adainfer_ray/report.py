@@ -474,7 +474,11 @@ def summarize_throughput(inputs: list[str], sidecars: list[dict | None]) -> dict
                 "sidecar_rows": None, "rows_per_s": None, "gpu_seconds": None,
                 "machine_hours": None, "device": None, "gpu_name": None, "num_gpus": None,
                 "policy": None, "model": None, "cost_basis": None}
-    wall_s = sum(float(s["wall_s"]) for s in sidecars)
+    # A resumed output holds several runs (sidecar `runs`, issue 12): each counts its own rows and
+    # time; a run killed before its end (no wall_s) has no time to count, and neither do its rows.
+    runs = [r for s in sidecars for r in (s.get("runs") or [{**s, "rows_this_run": s.get("rows_this_run", s.get("rows"))}])
+            if r.get("wall_s")]
+    wall_s = sum(float(r["wall_s"]) for r in runs)
     sidecar_rows = sum(int(s.get("rows") or 0) for s in sidecars)
     all_cuda = all(s.get("device") == "cuda" for s in sidecars)
     return {
@@ -482,8 +486,8 @@ def summarize_throughput(inputs: list[str], sidecars: list[dict | None]) -> dict
         "unavailable_reason": None,
         "wall_s": wall_s,
         "sidecar_rows": sidecar_rows,
-        "rows_per_s": _ratio(sidecar_rows, wall_s),
-        "gpu_seconds": sum(float(s["wall_s"]) * _gpus_billed(s) for s in sidecars),
+        "rows_per_s": _ratio(sum(int(r.get("rows_this_run") or 0) for r in runs), wall_s),
+        "gpu_seconds": sum(float(r["wall_s"]) * _gpus_billed(r) for r in runs),
         "machine_hours": wall_s / 3600,
         "device": _one_or_mixed([s.get("device") for s in sidecars]),
         "gpu_name": _one_or_mixed([s.get("gpu_name") for s in sidecars]),

@@ -42,11 +42,14 @@ def parse_args(argv=None):
 
 
 def calibrate(cfg, folder: str, command: str) -> int:
+    from adainfer_ray import runstate
     from adainfer_ray.pipeline import calibrate_policy, init_ray, plan_resources, preflight
 
     plan = preflight(cfg)
     ray = init_ray()
-    calibration = calibrate_policy(cfg, plan, ray, plan_resources(cfg, ray), folder, cfg.calibrate, command=command)
+    state = runstate.start(f"calibrate-{os.getpid()}")  # poison rows end here too
+    calibration = calibrate_policy(cfg, plan, ray, plan_resources(cfg, ray), folder, cfg.calibrate,
+                                   command=command, run_state=state)
     print(calibration.result.summary["message"])
     print(f"policy: {folder}  (use it with: python jobs/classify.py --policy {folder} ...)")
     return 0

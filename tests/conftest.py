@@ -1,14 +1,26 @@
 """Shared fixtures: tiny random decoder LMs of every supported family, built from a config (no downloads)."""
 
 import os
+import secrets
+import tempfile
 
 import numpy as np
 import pytest
 import torch
 
-# Test clusters listen on loopback only; Ray 2.5x+ token auth would make every client (this process,
-# `ray job submit`, the job's driver) find the same token file. Off for tests, on by default for users.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray >= 2.5x turns token authentication on for every cluster once a token exists, and every user who
+# ran the quick start has one (~/.ray/auth_token). Tests run that way too, with auth on, but with a
+# token of their own in a file that RAY_AUTH_TOKEN_PATH names (Ray reads it before ~/.ray/auth_token):
+# the user's token is neither read nor overwritten. Everything started from here (ray.init, the
+# cluster of cluster/local.sh, `ray job submit`, the job's driver) inherits it. RAY_AUTH_MODE=token is
+# what `eval "$(cluster/local.sh env)"` exports; it is set before anything imports Ray, which reads it
+# once per process.
+os.environ["RAY_AUTH_MODE"] = "token"
+if not os.environ.get("RAY_AUTH_TOKEN"):
+    _TOKEN = os.path.join(tempfile.mkdtemp(prefix="ray-token-"), "auth_token")
+    with open(os.open(_TOKEN, os.O_WRONLY | os.O_CREAT, 0o600), "w") as _f:
+        _f.write(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes
+    os.environ["RAY_AUTH_TOKEN_PATH"] = _TOKEN
 
 _ROPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
@@ -116,46 +128,56 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A real Ray head on localhost (`ray start --head`), with its dashboard for `ray job submit`.
-    Yields {"address": gcs address, "dashboard": http url}. Only this cluster's processes are stopped."""
-    import os
-    import shutil
+def ray_cluster(tmp_path_factory):
+    """A real two-node Ray cluster on localhost, started as the README says: `cluster/local.sh start
+    --nodes 2`, then the exports of `cluster/local.sh env` (token auth on). Worker node 1 has the custom
+    resource `node_1`. Yields {"address": GCS address, "dashboard": http url, "env": the exports,
+    "local_sh": the command with its state folder}. `stop` stops only this cluster's processes."""
+    import shlex
     import subprocess
-    import tempfile
-    import time
 
-    temp_dir = tempfile.mkdtemp(prefix="ray-t-", dir="/tmp")
-    port, dash = free_port(), free_port()
-    cmd = ["ray", "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-           "--include-dashboard=true", f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=2",
-           f"--temp-dir={temp_dir}", "--disable-usage-stats"]  # free ports: other Rays may run on this machine
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=180)
-    info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
-    import urllib.request
+    state = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    sh_env = {**os.environ, "ADAINFER_CLUSTER_STATE": state}
+    port, dash = free_port(), free_port()  # free ports: other Rays may run on this machine
 
-    for _ in range(60):  # the job API comes up a little after `ray start` returns
-        try:
-            urllib.request.urlopen(info["dashboard"] + "/api/version", timeout=2)
-            break
-        except OSError:
-            time.sleep(1)
-    yield info
-    import ray
+    def local_sh(*args):
+        return subprocess.run(["bash", os.path.join(ROOT, "cluster", "local.sh"), *args], env=sh_env,
+                              capture_output=True, text=True, timeout=300)
 
-    ray.shutdown()
-    subprocess.run(["pkill", "-f", temp_dir], check=False)  # not `ray stop`: that would stop every Ray here
-    time.sleep(1)
-    subprocess.run(["pkill", "-9", "-f", temp_dir], check=False)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    r = local_sh("start", "--nodes", "2", "--port", str(port), "--dashboard-port", str(dash), "--num-cpus", "2")
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        exports = dict(shlex.split(line.removeprefix("export "))[0].split("=", 1)
+                       for line in local_sh("env").stdout.splitlines())
+        os.environ.update({k: v for k, v in exports.items() if k != "RAY_ADDRESS"})  # as `eval` would
+        info = {"address": f"127.0.0.1:{port}", "dashboard": exports["RAY_ADDRESS"], "env": exports,
+                "local_sh": local_sh}
+        import time
+        import urllib.request
+
+        token = open(os.environ["RAY_AUTH_TOKEN_PATH"]).read().strip()
+        probe = urllib.request.Request(info["dashboard"] + "/api/version", headers={"Authorization": f"Bearer {token}"})
+        for _ in range(60):  # the job API comes up a little after `ray start` returns
+            try:
+                urllib.request.urlopen(probe, timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        yield info
+    finally:
+        import ray
+
+        ray.shutdown()
+        local_sh("stop")
 
 
 @pytest.fixture(scope="session")
 def ray_connected(ray_cluster):
     """This test process connected to the local test cluster (jobs run in-process use it)."""
-    import os
-
     import ray
 
     os.environ["RAY_ADDRESS"] = ray_cluster["address"]

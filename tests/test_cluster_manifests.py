@@ -2,8 +2,8 @@
 
 Nothing here needs a Kubernetes cluster, a cloud account or a GPU: the manifests are read as data,
 the launcher config goes through Ray's own schema validation, the RayJob's runtime env through
-Ray's own RuntimeEnv, and cluster/local.sh is only syntax-checked and run with bad arguments (it
-starts nothing then).
+Ray's own RuntimeEnv, and cluster/local.sh is only syntax-checked and run with bad arguments or no
+cluster (it starts nothing then; tests/test_cluster.py starts real ones).
 """
 
 import os
@@ -131,6 +131,8 @@ def check_cluster_spec(spec, where):
     if "rayVersion" in spec:
         rv = tuple(int(x) for x in str(spec["rayVersion"]).split(".")[:2])
         assert rv == RAY_MAJOR_MINOR, f"{where}: rayVersion {spec['rayVersion']} != ray {ray.__version__}"
+    # Token authentication on, as Ray runs clusters: the operator makes the Secret and hands it out.
+    assert spec.get("authOptions") == {"mode": "token"}, f"{where}: no authOptions: {{mode: token}}"
 
     groups = spec.get("workerGroupSpecs")
     assert isinstance(groups, list) and groups, f"{where}: no workerGroupSpecs"
@@ -377,6 +379,15 @@ def test_launcher_config_passes_ray_validation(path):
     validate_config(prepare_config(cfg))
 
 
+@pytest.mark.parametrize("path", sorted(LAUNCHER.glob("*.y*ml")), ids=lambda p: p.name)
+def test_launcher_nodes_start_with_token_auth_and_get_the_token(path):
+    (cfg,) = load_docs(path)
+    assert cfg["file_mounts"].get("/home/ray/.ray/auth_token") == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in cfg[key] if "ray start" in c]
+        assert start and all("RAY_AUTH_MODE=token" in c for c in start), f"{path.name}: {key}"
+
+
 # ---------------------------------------------------------------- cluster/local.sh
 
 def run_local(*args):
@@ -394,9 +405,10 @@ def test_local_sh_syntax_and_mode():
 
 
 @pytest.mark.parametrize("args", [(), ("frobnicate",), ("start", "--port", "not-a-port"),
-                                  ("start", "--nope", "1"), ("start", "--port"), ("stop", "extra")],
+                                  ("start", "--nope", "1"), ("start", "--port"), ("stop", "extra"),
+                                  ("start", "--nodes", "0"), ("env", "extra")],
                          ids=["no-args", "bad-command", "bad-port", "bad-option", "missing-value",
-                              "stop-extra"])
+                              "stop-extra", "no-nodes", "env-extra"])
 def test_local_sh_rejects_bad_arguments_with_usage(args):
     # All of these fail in argument parsing, before `ray` is ever called.
     proc = run_local(*args)
@@ -404,3 +416,11 @@ def test_local_sh_rejects_bad_arguments_with_usage(args):
     assert "usage:" in proc.stderr.lower()
     for sub in ("start", "stop", "status"):
         assert sub in proc.stderr
+
+
+def test_local_sh_env_and_stop_without_a_cluster(tmp_path):
+    env = {**os.environ, "ADAINFER_CLUSTER_STATE": str(tmp_path / "state")}
+    r = subprocess.run(["bash", str(LOCAL_SH), "env"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "run cluster/local.sh start first" in r.stderr and not r.stdout
+    r = subprocess.run(["bash", str(LOCAL_SH), "stop"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "nothing to stop" in r.stdout

@@ -12,7 +12,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from adainfer_ray import io
 from adainfer_ray.pipeline import Classifier, JobConfig, audit_mask, run_classify
 from adainfer_ray.schema import OUTPUT_SCHEMA, SIDECAR_NAME
 from conftest import review_texts

@@ -32,8 +32,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from adainfer_ray import io
-from adainfer_ray.pipeline import JobConfig, done_ids, run_classify
+from adainfer_ray.pipeline import JobConfig, run_classify
 from adainfer_ray.policy import resolve_policy
+from adainfer_ray.resume import ResumeError, done_ids, drop_done
 from adainfer_ray.schema import OUTPUT_SCHEMA, SIDECAR_NAME
 from conftest import review_texts
 
@@ -379,12 +380,33 @@ def test_a_crashed_actor_is_replaced_and_its_block_run_again(ray_connected, tiny
     assert sum(a.num_restarts for a in ours) >= 1  # the drill really killed an actor
 
 
+def test_a_row_that_kills_its_actor_every_time_ends_as_one_error_row(ray_connected, tiny_model_dir, tmp_path,
+                                                                      monkeypatch):
+    from adainfer_ray.runstate import ROW_KILL_LIMIT
+
+    texts = review_texts(40, seed=5)
+    texts[13] = "lovely film POISON-ROW lovely"  # os._exit()s whichever actor labels it, on every attempt
+    write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "text": t} for i, t in enumerate(texts)])
+    monkeypatch.setenv("ADAINFER_CRASH_ON_TEXT", "POISON-ROW")
+    run, _ = job(tiny_model_dir, tmp_path, tmp_path / "in.jsonl", batch_size=16)
+
+    table = read_output(tmp_path / "out")
+    rows = {r["id"]: r for r in table.to_pylist()}
+    assert sorted(rows) == sorted(f"r{i}" for i in range(40))  # the job finished, each row once
+    assert rows["r13"]["label"] is None
+    assert f"killed the model actor {ROW_KILL_LIMIT} times" in rows["r13"]["error"]
+    others = [r for i, r in rows.items() if i != "r13"]
+    assert all(r["error"] is None and r["label"] in ("negative", "positive") for r in others)  # its block too
+    assert run["errors"] == 1
+
+
 # -- interrupted runs --------------------------------------------------------------------------------
 
 
 def start_cli(args, ray_tmp, **popen):
-    """`python jobs/classify.py ...` starting its own local Ray in `ray_tmp`, as a user's run does."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    """`python jobs/classify.py ...` starting its own local Ray in `ray_tmp`, as a user's run does (with
+    the token file, not the exports of cluster/local.sh env: Ray turns token auth on by itself)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     return subprocess.Popen([sys.executable, "jobs/classify.py", *args], cwd=ROOT,
                             env={**env, "RAY_TMPDIR": ray_tmp}, **popen)
 
@@ -439,7 +461,9 @@ def test_a_killed_run_resumes_where_it_stopped(tiny_model_dir, tmp_path):
             except Exception:  # noqa: BLE001
                 pass
         before = written_rows(out)
-        assert 0 < before < n and not (out / SIDECAR_NAME).exists(), "the kill came too late to test a resume"
+        assert 0 < before < n, "the kill came too late to test a resume"
+        killed = json.loads((out / SIDECAR_NAME).read_text())  # written as the run started: who writes here
+        assert killed["runs"][-1]["end_time"] is None and killed["model_hash"]
 
         second = start_cli(args, ray_tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         stdout, stderr = second.communicate(timeout=600)
@@ -454,6 +478,8 @@ def test_a_killed_run_resumes_where_it_stopped(tiny_model_dir, tmp_path):
         assert open(f, "rb").read() == blob
     side = json.loads((out / SIDECAR_NAME).read_text())
     assert side["resumed_rows"] == before and side["rows_this_run"] == n - before and side["rows"] == n
+    assert len(side["runs"]) == 2 and side["runs"][0].get("wall_s") is None  # the killed run: no time to count
+    assert side["runs"][1]["rows_this_run"] == n - before and side["runs"][1]["wall_s"] == side["wall_s"]
 
 
 def test_resume_drops_a_file_cut_short_and_keeps_complete_ones(ray_connected, tiny_model_dir, tmp_path):
@@ -488,12 +514,86 @@ def test_resume_drops_a_file_cut_short_and_keeps_complete_ones(ray_connected, ti
     assert any("nothing left to label" in line for line in logged)
     assert {f: open(f, "rb").read() for f in glob.glob(str(out / "*.parquet"))} == files
     assert run["rows_this_run"] == 0 and run["rows"] == 120
+    assert [r["rows_this_run"] for r in run["runs"]] == [80, 0]  # the history of runs, each its own rows
+
+
+def test_same_file_names_in_different_folders_get_different_ids(ray_connected, tiny_model_dir, tmp_path):
+    for d in ("a", "b/c"):
+        (tmp_path / "in" / d).mkdir(parents=True)
+        write_jsonl(tmp_path / "in" / d / "part-0.jsonl", [{"text": t} for t in review_texts(30, seed=len(d))])
+    fs, files, roots = io.list_files(str(tmp_path / "in"))
+    ids = [i for f, r in zip(files, roots) for t in io.read_rows(f, "jsonl", "text", root=r) for i in t["id"].to_pylist()]
+    assert ids[0] == "a/part-0.jsonl:0" and ids[-1] == "b/c/part-0.jsonl:29" and len(set(ids)) == 60
+    assert io.list_files(str(tmp_path / "in" / "*" / "part-0.jsonl"))[2] == [str(tmp_path / "in")]
+    assert io.relative_name(files[0], io.list_files(files[0])[2][0]) == "part-0.jsonl"  # one file: its name
+
+    # An earlier run wrote 30 of the rows: a resume labels exactly the other 30 (with ids from base
+    # names, the rows of one file would pass for those of the other and be skipped).
+    run, _ = job(tiny_model_dir, tmp_path, tmp_path / "in", limit=30)
+    assert run["rows"] == 30
+    run, logged = job(tiny_model_dir, tmp_path, tmp_path / "in")
+    assert run["resumed_rows"] == 30 and run["rows_this_run"] == 30
+    assert sorted(read_output(tmp_path / "out").column("id").to_pylist()) == sorted(ids)
+
+
+def earlier_output(folder, ids):
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pa.table({f.name: pa.nulls(len(ids), f.type) for f in OUTPUT_SCHEMA}).set_column(0, "id", pa.array(ids))
+    pq.write_table(table, folder / "part.parquet")
+    return (folder / "part.parquet").read_bytes()
+
+
+def test_an_unreadable_output_file_is_set_aside_or_stops_the_run_never_silently_deleted(tmp_path):
+    import fsspec
+
+    blob = earlier_output(tmp_path / "out", ["x", "y"])
+    # Ends like Parquet ('PAR1') but damaged inside: not a cut-short write, so moved aside, not deleted.
+    (tmp_path / "out" / "part.parquet").write_bytes(blob[:8] + b"\0" * (len(blob) - 12) + blob[-4:])
+    logged = []
+    assert len(done_ids(str(tmp_path / "out"), log=logged.append)) == 0
+    assert (tmp_path / "out" / "_quarantine" / "part.parquet").exists() and "moved" in logged[0]
+    assert io.output_files(str(tmp_path / "out")) == []  # set aside: no longer read as output
+
+    # On other storage an unreadable file may be a throttle or a lost credential: stop, touch nothing.
+    mem = fsspec.filesystem("memory")
+    mem.pipe("/resume-test/out/part.parquet", blob[:-30])
+    with pytest.raises(ResumeError, match="cannot read .*part.parquet.*nothing was changed"):
+        done_ids("memory://resume-test/out")
+    assert mem.cat("/resume-test/out/part.parquet") == blob[:-30]
+    mem.rm("/resume-test", recursive=True)
+
+
+def test_a_rerun_with_another_policy_refuses_unless_overwrite(ray_connected, tiny_model_dir, tiny_policy_dir,
+                                                               tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "text": t} for i, t in enumerate(review_texts(40))])
+    first, _ = job(tiny_model_dir, tmp_path, tmp_path / "in.jsonl", limit=20)
+    with pytest.raises(ResumeError, match=f"policy_fingerprint '{first['policy_fingerprint']}' there, '[0-9a-f]+' now"):
+        job(tiny_model_dir, tmp_path, tmp_path / "in.jsonl", policy=str(tiny_policy_dir))
+    assert read_output(tmp_path / "out").num_rows == 20  # nothing was touched
+
+    cli = classify_cli.main(["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out"),
+                             "--model", str(tiny_model_dir), "--policy", str(tiny_policy_dir)])
+    assert cli == 2  # the same refusal, as one line from the command
+
+    run, logged = job(tiny_model_dir, tmp_path, tmp_path / "in.jsonl", policy=str(tiny_policy_dir), overwrite=True)
+    assert any("--overwrite: deleted" in line for line in logged)
+    assert run["resumed_rows"] == 0 and run["rows"] == 40 and len(run["runs"]) == 1
+    assert run["policy_fingerprint"] != first["policy_fingerprint"]
+
+
+def test_throughput_counts_each_run_with_its_own_rows_and_time():
+    from adainfer_ray.report import summarize_throughput
+
+    side = {"rows": 300, "wall_s": 20.0, "device": "cpu", "rows_this_run": 200,
+            "runs": [{"rows_this_run": 100, "wall_s": 80.0, "device": "cpu"},
+                     {"rows_this_run": 0, "wall_s": None, "device": "cpu"},  # killed: its time is unknown
+                     {"rows_this_run": 200, "wall_s": 20.0, "device": "cpu"}]}
+    t = summarize_throughput(["out"], [side])
+    assert t["wall_s"] == 100.0 and t["rows_per_s"] == pytest.approx(3.0) and t["sidecar_rows"] == 300
 
 
 def test_the_done_filter_is_exact_and_refuses_foreign_files(ray_connected, tmp_path):
     import ray
-
-    from adainfer_ray.pipeline import JobError, _drop_done
 
     ids = ["", "a", "ab", "a/b", "../../x", "🙂", "r1", "r10", "r100"] + [f"id{i}" for i in range(5000)]
     done = ids[::2]
@@ -503,11 +603,11 @@ def test_the_done_filter_is_exact_and_refuses_foreign_files(ray_connected, tmp_p
         0, "id", pa.array(done)), out / "part.parquet")
     keys = done_ids(str(out))
     assert len(keys) == len(done)
-    left = _drop_done(pa.table({"id": ids}), ray.put(keys)).column("id").to_pylist()
+    left = drop_done(pa.table({"id": ids}), ray.put(keys)).column("id").to_pylist()
     assert left == ids[1::2]
 
     pq.write_table(pa.table({"id": ["x"], "text": ["not our output"]}), out / "someone-elses.parquet")
-    with pytest.raises(JobError, match="not this job's output"):
+    with pytest.raises(ResumeError, match="not this job's output"):
         done_ids(str(out))
     assert (out / "someone-elses.parquet").exists()  # never deleted: only files cut short are
 

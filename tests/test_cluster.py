@@ -1,0 +1,118 @@
+"""The documented cluster path, run as a user runs it (issue 12): `cluster/local.sh start --nodes 2`,
+`eval "$(cluster/local.sh env)"` (token authentication on), `ray job submit ... -- python
+jobs/classify.py --actors 2`. The session's ray_cluster fixture (tests/conftest.py) is that cluster.
+"""
+
+import glob
+import json
+import os
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from adainfer_ray.schema import OUTPUT_SCHEMA, SIDECAR_NAME
+from conftest import free_port, review_texts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+def write_inputs(folder, n_files=4, rows=50):
+    """Files of the same name in different folders: their derived ids must not collide."""
+    texts = review_texts(n_files * rows, seed=3)
+    for k in range(n_files):
+        sub = folder / f"shard{k % 2}" / f"day{k // 2}"
+        sub.mkdir(parents=True, exist_ok=True)
+        with open(sub / "part-0.jsonl", "w") as f:
+            for t in texts[k * rows:(k + 1) * rows]:
+                f.write(json.dumps({"text": t}) + "\n")
+    return n_files * rows
+
+
+def submit(ray_cluster, *job_args, env=None):
+    """`ray job submit` with the exports of `cluster/local.sh env`, as the README says."""
+    env = {**os.environ, **ray_cluster["env"], **(env or {})}
+    for _ in range(30):  # a fresh head's job agent takes a few seconds to register
+        r = subprocess.run(["ray", "job", "submit", "--working-dir", ROOT, "--", "python", "jobs/classify.py",
+                            *map(str, job_args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent" not in r.stderr:
+            return r
+        time.sleep(2)
+    return r
+
+
+def cluster_node_ids(ray_cluster) -> set[str]:
+    r = subprocess.run(["ray", "list", "nodes", "--format", "json", "--address", ray_cluster["dashboard"]],
+                       env={**os.environ, **ray_cluster["env"]}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return {n["node_id"] for n in json.loads(r.stdout) if n["state"] == "ALIVE"}
+
+
+def read_output(folder) -> pa.Table:
+    return pa.concat_tables([pq.read_table(f) for f in sorted(glob.glob(os.path.join(folder, "*.parquet")))])
+
+
+def test_without_the_token_the_cluster_refuses(ray_cluster):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    r = subprocess.run(["ray", "job", "list", "--address", ray_cluster["dashboard"]], env={**env, "HOME": "/nonexistent"},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "authentication" in (r.stdout + r.stderr).lower()
+    token = open(os.environ["RAY_AUTH_TOKEN_PATH"]).read().strip()
+    ok = urllib.request.Request(ray_cluster["dashboard"] + "/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+    assert urllib.request.urlopen(ok, timeout=10).status == 200
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(ray_cluster["dashboard"] + "/api/jobs/", timeout=10)
+    assert e.value.code == 401
+
+
+def test_two_actors_on_two_nodes_label_every_row_once(ray_cluster, tiny_model_dir, tmp_path):
+    # Enough batches that the second actor, which may start seconds after the first, gets work too.
+    n = write_inputs(tmp_path / "in", rows=400)
+    out = tmp_path / "out"
+    r = submit(ray_cluster, "--input", tmp_path / "in", "--output", out, "--model", tiny_model_dir,
+               "--policy", "full", "--actors", "2", "--batch-size", "20", "--audit-fraction", "0")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    table = read_output(out)
+    ids = table.column("id").to_pylist()
+    assert table.schema == OUTPUT_SCHEMA and len(ids) == n and len(set(ids)) == n
+    assert {i.rsplit(":", 1)[0] for i in ids} == {f"shard{k % 2}/day{k // 2}/part-0.jsonl" for k in range(4)}
+    assert table.column("error").null_count == n
+    side = json.loads((out / SIDECAR_NAME).read_text())
+    nodes = set(side["actor_nodes"])
+    assert nodes == cluster_node_ids(ray_cluster), r.stdout[-4000:]  # both nodes ran a model actor
+    assert side["runs"][-1]["actor_nodes"] == side["actor_nodes"] and side["rows"] == n
+
+
+def test_the_default_model_runs_on_both_nodes(ray_cluster, tmp_path):
+    out = tmp_path / "out"
+    r = submit(ray_cluster, "--output", out, "--actors", "2", "--limit", "40", "--batch-size", "10")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    table = read_output(out)
+    assert table.num_rows == 40 and len(set(table.column("id").to_pylist())) == 40
+    assert set(table.column("label").to_pylist()) <= {"negative", "positive"}
+    assert len(set(json.loads((out / SIDECAR_NAME).read_text())["actor_nodes"])) == 2
+
+
+def test_stop_stops_only_its_own_cluster(ray_cluster):
+    state = tempfile.mkdtemp(prefix="rc2-", dir="/tmp")
+    env = {**os.environ, "ADAINFER_CLUSTER_STATE": state}
+    sh = os.path.join(ROOT, "cluster", "local.sh")
+    r = subprocess.run(["bash", sh, "start", "--port", str(free_port()), "--dashboard-port", str(free_port()),
+                        "--num-cpus", "1"], env=env, capture_output=True, text=True, timeout=300)
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "RAY_AUTH_MODE=token" in subprocess.run(["bash", sh, "env"], env=env, capture_output=True,
+                                                       text=True).stdout
+    finally:
+        stop = subprocess.run(["bash", sh, "stop"], env=env, capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0 and not os.path.exists(state)
+    assert subprocess.run(["pgrep", "-f", state], capture_output=True).returncode == 1  # none of its processes left
+    assert len(cluster_node_ids(ray_cluster)) == 2  # the session's cluster still runs
+    status = ray_cluster["local_sh"]("status")
+    assert status.returncode == 0 and "node_1" in status.stdout, status.stderr
