@@ -664,6 +664,7 @@ def calibrate_policy(cfg: JobConfig, plan: Plan, ray, res: Resources, folder: st
         "labels": list(plan.task.labels), "verbalizers": list(plan.task.verbalizers),
         "dtype": run_precision(device_kind, cfg.dtype), "device": device_kind,
         "input": cfg.input, "sample_seed": cfg.seed, "rows_in_input": seen, "group_column": cfg.group_column,
+        "actor_nodes": ray.get(run_state.actor_nodes.remote()) if run_state is not None else None,
         "created_by": command or "adainfer_ray.pipeline.calibrate_policy",
         "adainfer_ray_version": adainfer_ray.__version__,
     }
