@@ -160,7 +160,9 @@ class ExitPolicy:
             if fs.exists(arrays_path):
                 with fs.open(arrays_path, "rb") as f:
                     arrays = load(f.read())
-        except (OSError, ValueError, UnicodeDecodeError) as e:
+        except Exception as e:  # noqa: BLE001 - unreadable, not JSON, not safetensors (a pickle, say): all refused
+            if isinstance(e, PolicyError):
+                raise
             raise PolicyError(f"cannot read exit policy at {path}: {e}. "
                               "Pass a folder written by jobs/calibrate.py, `default`, or `full`.") from e
         if not isinstance(settings, dict) or settings.get("format_version") != FORMAT_VERSION:
