@@ -318,16 +318,19 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
     checked = preflight(cfg)
     if not checked["has_id_column"]:
         log(f"no column {cfg.id_column!r} in the input: ids are derived as <file path under the input>:<row number>")
-    ray = init_ray()
-    resources = ray.cluster_resources()
-    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if resources.get("GPU", 0) > 0 else 0.0)
-    # issue 12: who wrote the output; refuse to mix, keep the history of runs (adainfer_ray/resume.py)
+    # issue 12: who wrote the output; refuse to mix, keep the history of runs (adainfer_ray/resume.py).
+    # Checked before Ray starts; only the dtype waits for the cluster (GPUs or not).
     identity = {"model_hash": checked["model_hash"], "policy_fingerprint": resume.policy_fingerprint(checked["policy"]),
-                "task_fingerprint": checked["task"].fingerprint(), "dtype": _dtype(cfg.device, gpus)}
+                "task_fingerprint": checked["task"].fingerprint()}
     previous = resume.check_same_run(cfg.output, identity, cfg.overwrite, log)
     done = resume.done_ids(cfg.output, log)
     if len(done):
         log(f"resuming: {len(done)} rows already in {cfg.output} are kept and not labeled again")
+    ray = init_ray()
+    resources = ray.cluster_resources()
+    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if resources.get("GPU", 0) > 0 else 0.0)
+    identity["dtype"] = _dtype(cfg.device, gpus)
+    resume.refuse_other_run(cfg.output, previous, identity)
     runs = resume.start_record(cfg.output, previous, identity, {"start_time": started.isoformat(),
                                                                 "device": "cuda" if gpus else "cpu"})
     state = runstate.start(f"{started:%Y%m%dT%H%M%S}-{os.getpid()}")

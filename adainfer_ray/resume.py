@@ -149,12 +149,17 @@ def check_same_run(output: str, identity: dict, overwrite: bool, log=print) -> d
         return None
     if previous is None:
         return None
+    refuse_other_run(output, previous, identity)
+    return previous
+
+
+def refuse_other_run(output: str, previous: dict | None, identity: dict) -> None:
+    """Raise, naming both values, where `identity` (any of IDENTITY_KEYS) differs from `previous`."""
     diff = [f"{k} {previous.get(k)!r} there, {identity[k]!r} now" for k in IDENTITY_KEYS
-            if k in previous and previous.get(k) != identity[k]]
+            if previous and k in previous and k in identity and previous.get(k) != identity[k]]
     if diff:
         raise ResumeError(f"--output {output} holds labels from another run ({'; '.join(diff)}): "
                           "pick another --output, or pass --overwrite to replace them")
-    return previous
 
 
 def start_record(output: str, previous: dict | None, identity: dict, run: dict) -> list[dict]:
