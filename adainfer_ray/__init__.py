@@ -1,3 +1,11 @@
-"""adainfer-ray: offline classification at scale with early-exit LLMs (AdaInfer) on Ray Data."""
+"""adainfer-ray: offline text classification at scale with early-exit LLMs (AdaInfer) on Ray Data."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+
+def label(ds, **kwargs):
+    """Early-exit labeling as one stage of a Ray Data pipeline: see `adainfer_ray.pipeline.label`.
+    (Imported on first use, so that `import adainfer_ray` stays light.)"""
+    from adainfer_ray.pipeline import label as _label
+
+    return _label(ds, **kwargs)

@@ -11,7 +11,8 @@ Only full-depth runs are needed (y is the model's own answer), so gold labels ar
 How, in five steps (Angelopoulos, Bates et al., "Learn then Test", 2021):
 
 1. Trace. Run every calibration item once at full depth and keep what each layer would answer
-   and how sure it is, for every feature mode (`trace_texts` -> the engine's `trace`).
+   and how sure it is, for every feature mode (the job's actors run the engine's `trace`;
+   `pipeline.calibrate_policy` gathers the rows).
 2. Split the items at random into a fit part and a test part.
 3. Learn, on the fit part only, per feature mode: the per-layer probes (probe mode), the exit
    rule (which score is compared with the threshold, and the first layer where it is asked), and
@@ -35,67 +36,33 @@ promise lives in the high-confidence tail, which a hinge-loss SVM ranks poorly (
 saturates near +1 for early and late layers alike). By default the rule is therefore a linear
 score, top + w_gap * gap + w_depth * depth (the form of a linear-kernel SVM, so the policy
 artifact and the engine are unchanged), with weights and min_layer picked from a small grid on
-the fit part; `score="svm"` calibrates the paper's SVM instead.
+the fit part; `score="svm"` calibrates only the paper's SVM, and `score="auto"` (the default) puts
+both families among the candidates, so the fit part chooses the family too.
 
-Reading order: statistics (`binomial_pvalue`, `learn_then_test`), exits (`simulate_exits`,
+Reading order: statistics (`stats.binomial_pvalue`, `learn_then_test`), exits (`simulate_exits`,
 `exit_costs`), features (`probe_features`, `mode_features`), rules (`candidate_rules`,
-`candidate_thresholds`), the whole thing (`calibrate`),
-then running a policy on labeled data (`evaluate`). `trace_texts` is the only part that runs the
-model; everything after it works on plain arrays, so tests feed it synthetic traces.
+`candidate_thresholds`), the whole thing (`calibrate`). Nothing here runs the model: everything
+works on plain arrays, so tests feed it synthetic traces.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from adainfer_ray.features import FEATURE_MODES, LinearProbes
 from adainfer_ray.flops import ModelDims, item_flops
 from adainfer_ray.policy import ExitPolicy, exit_inputs
+from adainfer_ray.stats import binomial_pvalue
 
 DEFAULT_EPSILON, DEFAULT_DELTA = 0.01, 0.05
-SHIPPED_POLICIES = Path(__file__).parent / "data" / "policies"  # <model id>-<task name>/policy.json
-
-
-def shipped_policy_path(model_id: str, task_name: str) -> Path | None:
-    """The policy shipped in the package for this model and built-in task, if there is one."""
-    path = SHIPPED_POLICIES / f"{model_id}-{task_name}"
-    return path if (path / "policy.json").exists() else None
 
 
 # ----------------------------------------------------------------------------------------------
 # Statistics
-
-
-def _binom_cdf_logspace(k: int, n: int, p: float) -> float:
-    """P(Binom(n, p) <= k) as a sum of exact terms in log space (lgamma), for when scipy is absent."""
-    if k < 0:
-        return 0.0
-    if k >= n or p <= 0.0:
-        return 1.0
-    if p >= 1.0:
-        return 0.0
-    log_choose = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) for i in range(k + 1)]
-    logs = [c + i * math.log(p) + (n - i) * math.log1p(-p) for i, c in enumerate(log_choose)]
-    top = max(logs)  # log-sum-exp: terms can be far below the smallest float
-    return min(1.0, math.exp(top) * sum(math.exp(x - top) for x in logs))
-
-
-def binomial_pvalue(k: int, n: int, epsilon: float) -> float:
-    """p-value of H0 "risk > epsilon" after seeing k losses in n items: P(Binom(n, epsilon) <= k).
-
-    It is valid (P(p <= a) <= a under H0) because Binom(n, r) only grows stochastically with r.
-    """
-    try:
-        from scipy.stats import binom
-    except ImportError:
-        return _binom_cdf_logspace(int(k), int(n), float(epsilon))
-    return float(binom.cdf(int(k), int(n), float(epsilon)))
 
 
 def learn_then_test(losses, n: int, epsilon: float, delta: float) -> tuple[int | None, np.ndarray]:
@@ -247,11 +214,11 @@ def candidate_rules(mode: str, score: str, num_layers: int, min_layers, top_fit,
     """
     rules = []
     for min_layer in min_layers:
-        if score == "svm":
+        if score in ("svm", "auto"):
             policy = ExitPolicy(features=mode, min_layer=min_layer, **(svm or {})).fit(top_fit, gap_fit, agrees_fit)
             policy.rule_ = f"svm ({policy.kernel})"
             rules.append(policy)
-        else:
+        if score in ("linear", "auto"):
             rules += [linear_rule(mode, num_layers, min_layer, g, d)
                       for g in LINEAR_GAP_WEIGHTS for d in LINEAR_DEPTH_WEIGHTS]
     return rules
@@ -297,34 +264,46 @@ class CalibrationResult:
     rules: dict = field(default_factory=dict)  # mode -> its chosen rule, unthresholded
 
 
-def _split(n: int, fit_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.random.default_rng(seed).permutation(n)
-    n_fit = int(round(n * fit_fraction))
-    return np.sort(order[:n_fit]), np.sort(order[n_fit:])
+def split_fit_test(n: int, fit_fraction: float, seed: int, groups=None) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random fit/test split of n items. With `groups` (one key per item), every group
+    lands whole on one side, so no test item shares its group (a sentence, a thread, an author)
+    with a fit item: the binomial test assumes test items independent of what chose the rule."""
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        order = rng.permutation(n)
+        n_fit = int(round(n * fit_fraction))
+        return np.sort(order[:n_fit]), np.sort(order[n_fit:])
+    _, group_of = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    sizes = np.bincount(group_of)
+    order = rng.permutation(len(sizes))
+    fit_groups = order[np.cumsum(sizes[order]) <= round(n * fit_fraction)]
+    in_fit = np.isin(group_of, fit_groups)
+    return np.flatnonzero(in_fit), np.flatnonzero(~in_fit)
 
 
 def calibrate(trace: dict, dims: ModelDims, prefix_tokens: int, num_labels: int,
               epsilon: float = DEFAULT_EPSILON, delta: float = DEFAULT_DELTA, features: str = "auto",
-              score: str = "linear", min_layers=(1, 4, 8), fit_fraction: float = 0.5, seed: int = 0,
-              gold: np.ndarray | None = None, num_thresholds: int = 200, probe_C: float = 0.1,
+              score: str = "auto", min_layers=(1, 4, 8), fit_fraction: float = 0.5, seed: int = 0,
+              gold: np.ndarray | None = None, groups=None, num_thresholds: int = 200, probe_C: float = 0.1,
               svm: dict | None = None, provenance: dict | None = None, log=print) -> CalibrationResult:
     """Learn a rule per feature mode on the fit part, test its thresholds on the test part, and
     return the policy that saves the most FLOPs while keeping the promise, with the whole table.
 
     trace: the engine's `trace` plus item_tokens [n] (each item's own token count);
-    gold: label indices [n] (-1 where unknown) or None; provenance: model id/hash, task, template,
-    ... copied into the policy's metadata. See the module docstring for the guarantee: the rule
-    (weights, min_layer) of each mode is chosen on the fit part, so only the modes are chosen
+    gold: label indices [n] (-1 where unknown) or None; groups: a key per item kept on one side of
+    the split, or None; score: "linear", "svm", or "auto" (both families, chosen on the fit part);
+    provenance: model id/hash, task, template, ... copied into the policy's metadata. See the module
+    docstring for the guarantee: the rule (weights, min_layer) of each mode is chosen on the fit part, so only the modes are chosen
     after testing, and delta is split over them.
     """
     t0 = time.time()
     modes = FEATURE_MODES if features in (None, "auto") else (features,)
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}")
+    if score not in SCORES + ("auto",):
+        raise ValueError(f"score must be one of {SCORES + ('auto',)}")
     delta_each = delta / len(modes)  # Bonferroni over the modes we choose among after testing
     n, L = trace["final_label"].shape[0], dims.layers
     min_layers = [int(m) for m in min_layers if 1 <= m < L] or [1]  # the last layer never asks
-    fit_idx, test_idx = _split(n, fit_fraction, seed)
+    fit_idx, test_idx = split_fit_test(n, fit_fraction, seed, groups)
     n_fit, n_test = len(fit_idx), len(test_idx)
     final = trace["final_label"]
     has_gold = gold is not None and (gold[test_idx] >= 0).any()
@@ -396,6 +375,7 @@ def calibrate(trace: dict, dims: ModelDims, prefix_tokens: int, num_labels: int,
     summary = {
         "epsilon": epsilon, "delta": delta, "delta_per_mode": delta_each, "modes": list(modes), "score": score,
         "calibration_size": n, "fit_size": int(n_fit), "test_size": int(n_test), "seed": seed,
+        "grouped": groups is not None,
         "fit_fraction": fit_fraction, "num_layers": L, "full_depth_accuracy": full_accuracy,
         "gold_items": int(graded.sum()), "tolerated_disagreement": target,
         "paper_criterion": _paper_criterion(rows, full_accuracy) if has_gold else None,
@@ -442,86 +422,3 @@ def with_threshold(rule: ExitPolicy, threshold: float, metadata: dict | None = N
     policy = copy.copy(rule)
     policy.threshold, policy.metadata = float(threshold), dict(metadata or {})
     return policy
-
-
-# ----------------------------------------------------------------------------------------------
-# Running the model: tracing for calibration, and evaluating a policy
-
-
-class Tracer:
-    """Full-depth traces of texts for one model and task, the shared prefix computed once.
-
-    `tracer(texts)` -> the engine's trace plus item_tokens [n] and truncated [n]. A Ray Data actor
-    holds one; tests and small runs call it in-process.
-    """
-
-    def __init__(self, lm, task):
-        from adainfer_ray.engine import EarlyExitEngine
-        from adainfer_ray.prompts import PromptEncoder
-
-        self.encoder = PromptEncoder(task, lm.tokenizer, lm.max_context)
-        self.engine = EarlyExitEngine(lm, self.encoder.label_token_ids, prefix_ids=self.encoder.prefix_ids)
-        self.prefix_tokens = len(self.encoder.prefix_ids)
-
-    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
-        batch = self.encoder.encode(list(texts))
-        return self.trace_ids(batch.item_ids, batch.truncated)
-
-    def trace_ids(self, item_ids: list[list[int]], truncated=None) -> dict[str, np.ndarray]:
-        out = self.engine.trace(item_ids)
-        out["item_tokens"] = np.array([len(x) for x in item_ids], np.int32)
-        out["truncated"] = np.zeros(len(item_ids), bool) if truncated is None else np.asarray(truncated, bool)
-        return out
-
-
-def concat_traces(parts: list[dict]) -> dict[str, np.ndarray]:
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def trace_texts(lm, task, texts: list[str], chunk: int = 256, log=print) -> tuple[dict, int]:
-    """Trace texts in-process, `chunk` at a time (for progress and bounded peak memory).
-    Returns (trace, prefix_tokens)."""
-    tracer, parts, t0 = Tracer(lm, task), [], time.time()
-    for start in range(0, len(texts), chunk):
-        parts.append(tracer(texts[start: start + chunk]))
-        done = min(start + chunk, len(texts))
-        log(f"  traced {done}/{len(texts)} items ({done / (time.time() - t0):.1f}/s)")
-    return concat_traces(parts), tracer.prefix_tokens
-
-
-def evaluate(lm, task, policy: ExitPolicy, texts: list[str], gold: np.ndarray | None = None,
-             chunk: int = 256, log=print) -> dict:
-    """Run `policy` on texts with every item audited (after exiting it runs on to full depth), so a
-    single pass gives the early-exit answer and the full model's answer. Returns the headline
-    numbers: accuracy at full depth and with early exit, agreement, layers skipped, FLOPs saved."""
-    from adainfer_ray.engine import EarlyExitEngine
-    from adainfer_ray.prompts import PromptEncoder
-
-    encoder = PromptEncoder(task, lm.tokenizer, lm.max_context)
-    policy.check_compatible(lm.model_hash, task.fingerprint(), lm.num_layers)
-    engine = EarlyExitEngine(lm, encoder.label_token_ids, policy=policy, prefix_ids=encoder.prefix_ids)
-    parts, t0 = [], time.time()
-    for start in range(0, len(texts), chunk):
-        ids = encoder.encode(texts[start: start + chunk]).item_ids
-        parts.append(engine.classify(ids, audit=np.ones(len(ids), bool)))
-        log(f"  evaluated {start + len(ids)}/{len(texts)} items ({(start + len(ids)) / (time.time() - t0):.1f}/s)")
-    out = concat_traces(parts)
-    L = lm.num_layers
-    graded = gold >= 0 if gold is not None else np.zeros(len(texts), bool)
-    full, used, reuse = out["flops_full"].sum(), out["flops_used"].sum(), out["flops_full_reuse"].sum()
-    return {
-        "items": len(texts), "gold_items": int(graded.sum()), "num_layers": L,
-        "policy_features": policy.features, "policy_threshold": None if policy.never_exits else float(policy.threshold),
-        "policy_min_layer": policy.min_layer,
-        "accuracy_full": float((out["full_label"][graded] == gold[graded]).mean()) if graded.any() else None,
-        "accuracy_exit": float((out["label"][graded] == gold[graded]).mean()) if graded.any() else None,
-        "agreement": float((out["label"] == out["full_label"]).mean()),
-        "layers_skipped": float((L - out["exit_layer"]).mean() / L),
-        "mean_exit_layer": float(out["exit_layer"].mean()),
-        # Shares of the no-reuse reference `flops_full`, as the classify job's output columns:
-        "exit_saved": float((reuse - used) / full), "prefix_saved": float((full - reuse) / full),
-        # What early exit saves against a full-depth run that also reuses the prefix:
-        "flops_saved_vs_reuse": float((reuse - used) / reuse),
-        "exit_histogram": np.bincount(out["exit_layer"], minlength=L + 1)[1:].tolist(),
-        "seconds": round(time.time() - t0, 1),
-    }

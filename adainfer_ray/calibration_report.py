@@ -13,10 +13,7 @@ import json
 import os
 
 from adainfer_ray.calibrate import CalibrationResult
-
-
-def _pct(x, digits=1):
-    return "—" if x is None else f"{100 * x:.{digits}f}%"
+from adainfer_ray.report import _pct  # one number format for every report
 
 
 def _table(rows: list[dict], has_gold: bool) -> list[str]:
@@ -123,5 +120,4 @@ def write_report(result: CalibrationResult, folder: str) -> str:
     with open(os.path.join(folder, "calibration.json"), "w") as f:
         json.dump({"summary": result.policy.metadata, "rows": result.rows}, f, indent=1)
     plot_savings(result, os.path.join(folder, "savings_vs_agreement.png"))
-    print(render_markdown(result).split("## Every mode")[0].rstrip())
     return folder

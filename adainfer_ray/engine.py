@@ -214,7 +214,7 @@ class EarlyExitEngine:
     def trace(self, item_ids: list[list[int]]) -> dict[str, np.ndarray]:
         """Run every item to full depth and keep every layer's exit features, for calibration.
 
-        Returns hidden [n, L, D] (final-normed last-token states, float16), for mode in (vocab,
+        Returns hidden [n, L, D] (final-normed last-token states, computed in the model dtype, stored as float32), for mode in (vocab,
         label): {mode}_label, {mode}_top, {mode}_gap [n, L]; and final_label [n]."""
         n, L = len(item_ids), self.L
         rec = {"hidden": None, "final_label": np.zeros(n, np.int32)}
@@ -230,7 +230,7 @@ class EarlyExitEngine:
             for k in range(L):
                 x = self.lm.final_norm(self._run_layer(k, batch))  # [B, D]
                 if rec["hidden"] is None:
-                    rec["hidden"] = np.zeros((n, L, x.shape[-1]), np.float16)
+                    rec["hidden"] = np.zeros((n, L, x.shape[-1]), np.float32)
                 rec["hidden"][idx, k] = x.float().cpu().numpy()
                 logits = self.lm.head(x).float()
                 _, top, gap = top2(torch.softmax(logits, -1))

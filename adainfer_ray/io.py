@@ -77,19 +77,22 @@ def relative_name(path: str, root: str | None) -> str:
 
 # The input schema every reader produces, whatever the file held: the classifier sees only this.
 INPUT_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("gold_label", pa.string()),
-                          ("input_error", pa.string())])
+                          ("group", pa.string()), ("input_error", pa.string())])
 
 
 def read_rows(path: str, fmt: str, text_column: str, id_column: str | None = None,
-              label_column: str | None = None, batch_rows: int = 4096, root: str | None = None) -> Iterator[pa.Table]:
+              label_column: str | None = None, group_column: str | None = None,
+              columns: list[str] | None = None, root: str | None = None,
+              batch_rows: int = 4096) -> Iterator[pa.Table]:
     """Stream one file as tables of INPUT_SCHEMA. A row whose text is not a string keeps its place
     with `input_error` set; rows without an id column get `<path under root>:<row number>` (see
-    list_files; without a root, the file's base name). Every input row yields exactly one row here:
-    bad rows are marked, never dropped."""
+    list_files; without a root, the file's base name). `columns` names the columns of a CSV/TSV
+    file without a header row. Every input row yields exactly one row here: bad rows are marked,
+    never dropped."""
     start, name = 0, relative_name(path, root)
     try:
         with fsspec.open(path, "rb", compression="infer") as f:
-            for cols, n in _raw_batches(f, fmt, batch_rows, text_column):
+            for cols, n in _raw_batches(f, fmt, batch_rows, text_column, columns):
                 texts, errors = _texts(cols.get(text_column), n, text_column)
                 if "__error" in cols:  # a JSON line that did not parse
                     errors = [e or j for e, j in zip(errors, cols["__error"].to_pylist())]
@@ -98,13 +101,19 @@ def read_rows(path: str, fmt: str, text_column: str, id_column: str | None = Non
                     ids = [i if i is not None else f"{name}:{start + r}" for r, i in enumerate(ids)]
                 else:
                     ids = [f"{name}:{start + r}" for r in range(n)]
-                gold = ([None if v is None else _clean(str(v)) for v in cols[label_column].to_pylist()]
-                        if label_column and label_column in cols else [None] * n)
+                gold, group = (_strings(cols, c, n) for c in (label_column, group_column))
                 start += n
-                yield pa.table([ids, texts, gold, errors], schema=INPUT_SCHEMA)
+                yield pa.table([ids, texts, gold, group, errors], schema=INPUT_SCHEMA)
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read {path} as {fmt}: {e}; fix or remove that file and run the same command "
                          "again (rows already written are kept)") from e
+
+
+def _strings(cols: dict, column: str | None, n: int) -> list:
+    """An optional column's values as strings (None where missing)."""
+    if not column or column not in cols:
+        return [None] * n
+    return [None if v is None else _clean(str(v)) for v in cols[column].to_pylist()]
 
 
 def _texts(column, n: int, name: str) -> tuple[list, list]:
@@ -141,7 +150,8 @@ def _is_empty(f) -> bool:
     return True
 
 
-def _raw_batches(f, fmt: str, batch_rows: int, text_column: str | None = None) -> Iterator[tuple[dict, int]]:
+def _raw_batches(f, fmt: str, batch_rows: int, text_column: str | None = None,
+                 columns: list[str] | None = None) -> Iterator[tuple[dict, int]]:
     """(columns by name, each with .to_pylist(); row count) per batch of the file."""
     if _is_empty(f):
         return
@@ -155,8 +165,8 @@ def _raw_batches(f, fmt: str, batch_rows: int, text_column: str | None = None) -
             # instead of failing the whole file.
             convert = pacsv.ConvertOptions(strings_can_be_null=True,
                                            column_types={text_column: pa.binary()} if text_column else None)
-            batches = pacsv.open_csv(f, parse_options=opts, read_options=pacsv.ReadOptions(block_size=1 << 22),
-                                     convert_options=convert)
+            read = pacsv.ReadOptions(block_size=1 << 22, column_names=columns)
+            batches = pacsv.open_csv(f, parse_options=opts, read_options=read, convert_options=convert)
         for b in batches:
             yield dict(zip(b.schema.names, b.columns)), b.num_rows
     else:  # JSON lines, parsed one by one so that one bad line becomes one error row, not a dead file
@@ -194,8 +204,11 @@ class _Values(list):
         return list(self)
 
 
-def file_columns(path: str, fmt: str) -> list[str]:
-    """The columns of one file, reading only its footer/header/first lines; [] for an empty file."""
+def file_columns(path: str, fmt: str, columns: list[str] | None = None) -> list[str]:
+    """The columns of one file, reading only its footer/header/first lines; [] for an empty file.
+    `columns`: the names given for a headerless CSV/TSV file."""
+    if columns and fmt in ("csv", "tsv"):
+        return list(columns)
     try:
         with fsspec.open(path, "rb", compression="infer") as f:
             if _is_empty(f):
@@ -222,12 +235,13 @@ def file_columns(path: str, fmt: str) -> list[str]:
                          "or pass --format if it is not " + fmt) from e
 
 
-def check_columns(files: list[str], fmt: str, required: dict[str, str], optional: dict[str, str]) -> dict[str, bool]:
+def check_columns(files: list[str], fmt: str, required: dict[str, str], optional: dict[str, str],
+                  columns: list[str] | None = None) -> dict[str, bool]:
     """Fail fast, naming the columns that exist, when a required column is missing from any file.
     required/optional map a flag name to a column name; returns which optional columns are present."""
     present = {flag: True for flag in optional}
     for path in files:
-        cols = file_columns(path, fmt)
+        cols = file_columns(path, fmt, columns)
         if not cols:
             continue  # an empty file: nothing to check, nothing to label
         for flag, col in required.items():
@@ -236,6 +250,26 @@ def check_columns(files: list[str], fmt: str, required: dict[str, str], optional
         for flag, col in optional.items():
             present[flag] = present[flag] and col in cols
     return present
+
+
+def estimate_rows(files: list[str], fmt: str, sample_bytes: int = 1 << 24) -> int:
+    """About how many rows the input holds, cheaply: exact from Parquet footers; for text formats,
+    line counts, extrapolated from the first `sample_bytes` of a file when it is larger. It sizes
+    the audit sample, where an estimate is enough."""
+    total = 0
+    for path in files:
+        fs, p = fsspec.core.url_to_fs(path)
+        with fsspec.open(path, "rb", compression="infer") as f:
+            if _is_empty(f):
+                continue
+            if fmt == "parquet":
+                total += pq.ParquetFile(f).metadata.num_rows
+                continue
+            head = f.read(sample_bytes)
+            lines = head.count(b"\n") + (not head.endswith(b"\n"))
+            whole = len(head) < sample_bytes or path.endswith(".gz")  # .gz: its size says little; count the head
+            total += lines if whole else int(lines * fs.size(p) / len(head))
+    return total
 
 
 # -- output ----------------------------------------------------------------------------------------

@@ -1,30 +1,40 @@
-"""The Ray Data job: read -> map_batches(Classifier actors) -> write_parquet, plus a JSON sidecar.
+"""The Ray Data job: read -> label -> write, with an optional calibration step inside it.
 
-    files --read_rows--> rows {id, text, gold_label, input_error}
-          --Classifier--> one output row per input row (schema.OUTPUT_SCHEMA)
-          --write_parquet--> <output>/*.parquet, <output>/_run.json
+    files --read_rows--> rows {id, text, gold_label, group, input_error}          (io.read_rows)
+          --label------> one output row per input row (schema.OUTPUT_SCHEMA)   (Classifier actors)
+          --write------> <output>/*.parquet, <output>/_run.json
 
-Each actor loads the model, the exit policy and the shared-prefix cache once, then labels one block
-of rows per call with the early-exit engine (which regroups the block's items by depth). Rows are
-never held across calls, so Ray's retries and lineage cover every row: a crashed actor's block is
-simply run again by its replacement.
+`label(ds, ...)` is the public stage for people with a Ray Data pipeline of their own; the job is
+that same stage between a reader and a writer. Each Classifier actor loads the model once, then
+labels one block of rows per call with the early-exit engine (which regroups the block's items by
+depth). Rows are never held across calls, so Ray's retries and lineage cover every row.
+
+With `--calibrate N` the job first draws a seeded uniform sample of N rows, runs it at full depth
+through the same actors (same reader, prompt, engine, dtype and device) keeping every layer's exit
+features, calibrates a policy on the driver (Learn-then-Test), writes it to <output>/_policy/,
+writes the sample's rows (their full-depth labels, marked `calibration`), then labels the rest.
+`jobs/calibrate.py` runs the same `calibrate_policy` and stops there.
 
 What the job promises (the README's "What the job guarantees" is the user's version):
 - one output row per input row: a row that cannot be labeled gets `error` set and `label` null;
 - everything that can be checked before the run (paths, columns, model, policy, output) fails fast,
   on the driver, before any actor starts;
 - re-running the same command over the same --output resumes: rows in readable output files are
-  kept and not labeled again; what may be deleted, and which runs may continue an output, is
-  adainfer_ray.resume's to decide;
+  kept and not labeled again, and a calibrated policy in <output>/_policy/ is reused; what may be
+  deleted, and which runs may continue an output, is adainfer_ray.resume's to decide;
 - a row that kills its actor every time ends as an error row (adainfer_ray.runstate).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
+import posixpath
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,20 +44,23 @@ import pyarrow as pa
 from adainfer_ray import io, resume, runstate
 from adainfer_ray.schema import OUTPUT_SCHEMA, SIDECAR_NAME
 
-POLICY_DIR = Path(__file__).parent / "data" / "policies"
 EMBEDDED_CORPUS = Path(__file__).parent / "data" / "reviews.jsonl"
+POLICY_SUBDIR = resume.POLICY_SUBDIR  # where --calibrate writes its policy, inside --output
+SAMPLE_FILE = "calibration-sample.parquet"  # the calibration sample's output rows, inside --output
 
 
 @dataclass
 class JobConfig:
-    """Everything `jobs/classify.py` can set; the defaults are the flags' defaults."""
+    """Everything `jobs/classify.py` and `jobs/calibrate.py` can set; the defaults are the flags' defaults."""
 
     input: str = str(EMBEDDED_CORPUS)
     output: str = "output"
     format: str = "auto"
+    columns: list[str] | None = None  # names of a headerless CSV/TSV file's columns
     text_column: str = "text"
     id_column: str = "id"
     label_column: str | None = None  # gold labels to carry into the output (gold_label)
+    group_column: str | None = None  # calibration: rows of one group stay on one side of the fit/test split
     task: str = "sentiment"
     labels: list[str] | None = None
     template: str | None = None
@@ -55,150 +68,238 @@ class JobConfig:
     model: str = "smollm2-135m"
     policy: str = "default"
     device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
     actors: str = "1"  # "N" or "MIN,MAX"
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     batch_size: int = 256  # rows per actor call: the engine regroups within it
     max_batch_tokens: int | None = None  # tokens per layer step (engine default: 2048 CPU, 16384 GPU)
     reuse_prefix: bool = True
+    calibrate: int = 0  # > 0: calibrate a policy on this many rows of the input first
+    epsilon: float = 0.01
+    delta: float = 0.05
     audit_fraction: float = 0.01
+    audit_rows: int = 300  # at least this many rows audited (all of a smaller corpus)
     seed: int = 0
     limit: int | None = None
-    trust_remote_code: bool = False
-    overwrite: bool = False  # replace an --output written by another model/policy/task/dtype
-    extra: dict = field(default_factory=dict)
+    overwrite: bool = False
 
 
-# -- task and policy, resolved the same way on the driver and in every actor ----------------------------
+# -- what the driver resolves once; it travels to the actors as plain objects -----------------------------
 
 
 def build_task(cfg: JobConfig):
+    """The task from the flags, demonstrations read here on the driver (actors get the Task itself)."""
     from adainfer_ray.prompts import make_task
 
     demos = None
     if cfg.demos:
-        import json
-
         import fsspec
 
         try:
-            with fsspec.open(cfg.demos, "r") as f:
+            with fsspec.open(cfg.demos, "r", encoding="utf-8") as f:
                 demos = [(d["text"], d["label"]) for d in map(json.loads, filter(str.strip, f))]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise JobError(f"cannot read --demos {cfg.demos}: {type(e).__name__}: {e}; "
                            'expected JSON lines of {"text": ..., "label": ...}') from e
-    return make_task(cfg.task, labels=cfg.labels, template=cfg.template, demos=demos)
-
-
-def load_policy(spec: str, model_id: str, task):
-    """`full`, `default` (shipped for the default model and built-in tasks), or a policy folder."""
-    from adainfer_ray.policy import ExitPolicy, PolicyError
-
-    if spec == "full":
-        return ExitPolicy.full_depth()
-    if spec == "default":
-        folder = POLICY_DIR / f"{model_id}-{task.name}"
-        if not (folder / "policy.json").exists():
-            raise PolicyError(f"no default exit policy ships for model {model_id!r} and task {task.name!r}: "
-                              "make one with jobs/calibrate.py and pass --policy FOLDER, or use --policy full")
-        return ExitPolicy.load(folder)
     try:
-        return ExitPolicy.load(spec)
-    except PolicyError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a damaged or foreign file (missing keys, not safetensors...)
-        raise PolicyError(f"cannot read exit policy at {spec}: {type(e).__name__}: {e}. "
-                          "Pass a folder written by jobs/calibrate.py, `default`, or `full`.") from e
+        return make_task(cfg.task, labels=cfg.labels, template=cfg.template, demos=demos)
+    except ValueError as e:  # an unknown task, a template without {text}, demos with unknown labels
+        raise JobError(str(e)) from e
+
+
+def run_precision(device_kind: str, dtype: str) -> str:
+    """The dtype actors on `device_kind` will run at ("auto": fp32 on CPU, bf16 on CUDA), as a name."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device_kind == "cuda" else "float32"
 
 
 def audit_mask(ids, fraction: float, seed: int) -> np.ndarray:
     """A seeded, stable sample: the same ids are audited in every run and on every retry."""
     if fraction <= 0:
         return np.zeros(len(ids), bool)
-    u = [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big") / 2**64 for i in ids]
-    return np.array(u) < fraction
+    return uniform_keys(ids, f"{seed}") < fraction
+
+
+def uniform_keys(ids, salt: str) -> np.ndarray:
+    """A number in [0, 1) per id, uniform and fixed by (salt, id): seeded samples that need no state."""
+    return np.array([int.from_bytes(hashlib.blake2b(f"{salt}:{i}".encode(), digest_size=8).digest(), "big") / 2**64
+                     for i in ids])
+
+
+def calibration_keys(ids, seed: int) -> np.ndarray:
+    """The key that draws the --calibrate sample: the N rows with the smallest keys."""
+    return uniform_keys(ids, f"calibrate:{seed}")
+
+
+def gold_names(values, labels: tuple[str, ...], one_based: bool) -> list:
+    """Gold labels as label names: names match case-insensitively; integers are indices (0-based,
+    or 1-based as decided once for the whole input). Anything else is kept as given."""
+    by_name = {x.lower(): x for x in labels}
+    out = []
+    for v in values:
+        if v is None:
+            out.append(None)
+            continue
+        s = str(v).strip()
+        if s.lower() in by_name:
+            out.append(by_name[s.lower()])
+        elif s.lstrip("-").isdigit() and 0 <= int(s) - one_based < len(labels):
+            out.append(labels[int(s) - one_based])
+        else:
+            out.append(s)
+    return out
 
 
 # -- the actor ---------------------------------------------------------------------------------------
 
 
 class Classifier:
-    """Ray Data callable class: loads everything once, then maps a batch of rows to output rows."""
+    """Ray Data callable class: loads the model once, then maps a batch of rows to output rows.
 
-    def __init__(self, cfg: JobConfig, threads: int | None = None, run_state=None):
+    trace=True runs every row at full depth and adds each layer's exit features (calibration);
+    the output rows are the same either way.
+    """
+
+    def __init__(self, cfg: JobConfig, task, policy, threads: int | None = None, trace: bool = False,
+                 audit_rate: float = 0.0, gold_one_based: bool = False, text_column: str = "text",
+                 id_column: str | None = "id", keep_columns: tuple = (), run_state=None):
         import torch
 
         from adainfer_ray.engine import EarlyExitEngine
         from adainfer_ray.models import load_model
+        from adainfer_ray.policy import ExitPolicy
         from adainfer_ray.prompts import PromptEncoder
 
         if threads:  # CPU actors share the node's cores
             torch.set_num_threads(threads)
-        self.cfg = cfg
-        self.lm = load_model(cfg.model, cfg.device, cfg.trust_remote_code)
-        self.task = build_task(cfg)
-        self.encoder = PromptEncoder(self.task, self.lm.tokenizer, self.lm.max_context)
-        policy = load_policy(cfg.policy, self.lm.model_id, self.task)
-        policy.check_compatible(self.lm.model_hash, self.task.fingerprint(), self.lm.num_layers)
+        self.cfg, self.task, self.trace = cfg, task, trace
+        self.audit_rate, self.gold_one_based = audit_rate, gold_one_based
+        self.text_column, self.id_column, self.keep_columns = text_column, id_column, tuple(keep_columns)
+        self.lm = load_model(cfg.model, cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        self.encoder = PromptEncoder(task, self.lm.tokenizer, self.lm.max_context)
+        policy = ExitPolicy.full_depth() if trace else policy
+        policy.check_compatible(self.lm.model_hash, task.fingerprint(), self.lm.num_layers)
         self.engine = EarlyExitEngine(self.lm, self.encoder.label_token_ids, policy, self.encoder.prefix_ids,
                                       reuse_prefix=cfg.reuse_prefix, max_batch_tokens=cfg.max_batch_tokens)
-        self.calls = 0
-        self.run_state = run_state  # issue 12: node ids for _run.json; poison rows end (runstate.py)
+        self.run_state = run_state  # where this actor ran, and poison rows that end (runstate.py)
         runstate.register_actor(run_state)
+        self.calls = 0
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    @classmethod
+    def from_config(cls, cfg: JobConfig, **kwargs) -> "Classifier":
+        """An actor's worth of labeling in this process (tests, notebooks): task and policy from cfg."""
+        from adainfer_ray.models import DEFAULT_MODEL
+        from adainfer_ray.policy import resolve_policy
+
+        task = build_task(cfg)
+        model_id = DEFAULT_MODEL if cfg.model in ("", "default", DEFAULT_MODEL) else cfg.model
+        return cls(cfg, task, resolve_policy(cfg.policy, model_id, task.name), **kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         self.calls += 1
         crash_after = os.environ.get("ADAINFER_CRASH_AFTER_BATCHES")  # reliability tests kill actors this way
         if crash_after and self.calls > int(crash_after):
             os._exit(1)
-        n = len(batch["id"])
-        errors = [e if isinstance(e, str) else None for e in batch["input_error"]]
-        texts = [t if isinstance(t, str) else None for t in batch["text"]]
+        n = len(batch[self.text_column])
+        ids = ([str(x) for x in batch[self.id_column]] if self.id_column in batch
+               else [hashlib.blake2b(str(t).encode(), digest_size=8).hexdigest() for t in batch[self.text_column]])
+        errors = [e if isinstance(e, str) else None for e in batch.get("input_error", [None] * n)]
+        texts = [t if isinstance(t, str) else None for t in batch[self.text_column]]
         for i, t in enumerate(texts):
             if errors[i] is None and t is None:
-                errors[i] = "text is null"
+                errors[i] = "text is null" if batch[self.text_column][i] is None else "text is not a string"
             elif errors[i] is None and not t.strip():
                 errors[i] = "text is empty"
-        ok = [i for i in range(n) if errors[i] is None]
         rows = _empty_rows(n, self.lm.num_layers)
-        if ok:  # a retried block runs row by row, so that a row that kills the actor ends as an error row
-            runstate.label_block(self.run_state, batch["id"], ok, errors, lambda at: self._label(
-                [texts[i] for i in at], at, [batch["id"][i] for i in at], rows, errors))
-        rows["id"] = np.array([str(x) for x in batch["id"]], dtype=object)
-        rows["gold_label"] = np.array(batch["gold_label"], dtype=object)
-        rows["error"] = np.array(errors, dtype=object)
-        return to_output_table(rows)
+        traces = [None] * n  # trace mode: each row's per-layer features
 
-    def _label(self, texts, where, ids, rows, errors):
+        def run(at: list[int]):  # label (or trace) the rows `at` of this batch
+            runstate.crash_drill([texts[i] for i in at])
+            encoded = self.encoder.encode([texts[i] for i in at])
+            if self.trace:
+                self._trace(encoded, at, rows, traces)
+            else:
+                self._label(encoded, at, [ids[i] for i in at], rows, errors)
+
+        ok = [i for i in range(n) if errors[i] is None]
+        if ok:  # a retried block runs row by row, so that a row that kills the actor ends as an error row
+            runstate.label_block(self.run_state, ids, ok, errors, run)
+        rows["id"] = np.array(ids, dtype=object)
+        gold = batch.get("gold_label", [None] * n)
+        rows["gold_label"] = np.array(gold_names(gold, self.task.labels, self.gold_one_based), dtype=object)
+        rows["calibration"] = np.full(n, self.trace)
+        rows["error"] = np.array(errors, dtype=object)
+        table = to_output_table(rows)
+        for name in self.keep_columns:  # label(): the caller's own columns ride along
+            table = table.append_column(name, pa.array(list(batch[name])))
+        if self.trace:
+            for key in TRACE_FEATURES + ("item_tokens",):  # one list per row, null where a row has no trace
+                table = table.append_column("trace_" + key, _list_column([tr and tr[key] for tr in traces]))
+        return table
+
+    def _label(self, encoded, where, ids, rows, errors):
         """Run the engine on the good rows; if the block fails as a whole, retry item by item so
         that one poisonous row becomes one error row."""
-        runstate.crash_drill(texts)
-        enc = self.encoder.encode(texts)
-        audit = audit_mask(ids, self.cfg.audit_fraction, self.cfg.seed)
+        audit = audit_mask(ids, self.audit_rate, self.cfg.seed)
         try:
-            out = self.engine.classify(enc.item_ids, audit)
+            out = self.engine.classify(encoded.item_ids, audit)
             parts = [(np.arange(len(where)), out)]
         except Exception:  # noqa: BLE001 - isolate the culprit below
             parts = []
             for j in range(len(where)):
                 try:
-                    parts.append((np.array([j]), self.engine.classify([enc.item_ids[j]], audit[j: j + 1])))
+                    parts.append((np.array([j]), self.engine.classify([encoded.item_ids[j]], audit[j: j + 1])))
                 except Exception as e:  # noqa: BLE001
                     errors[where[j]] = f"labeling failed: {type(e).__name__}: {e}"[:500]
-        labels = np.array(self.task.labels, dtype=object)
         for js, out in parts:
-            at = np.array(where)[js]
-            rows["label"][at] = labels[out["label"]]
-            rows["label_score"][at] = out["label_score"]
-            rows["exit_layer"][at] = out["exit_layer"]
-            rows["flops_used"][at], rows["flops_full"][at] = out["flops_used"], out["flops_full"]
-            full, reuse = out["flops_full"], out["flops_full_reuse"]
-            rows["compute_saved"][at] = 1 - out["flops_used"] / full
-            rows["exit_saved"][at] = (reuse - out["flops_used"]) / full
-            rows["prefix_saved"][at] = (full - reuse) / full
-            rows["num_tokens"][at] = out["num_tokens"]
-            rows["truncated"][at] = np.array(enc.truncated)[js]
-            audited = out["full_label"] >= 0
-            rows["full_label"][at[audited]] = labels[out["full_label"][audited]]
+            self._fill(rows, np.array(where)[js], out, np.array(encoded.truncated)[js])
+
+    def _trace(self, encoded, where, rows, traces):
+        """Full depth with every layer's exit features: fill the output rows (the full model's answer,
+        at full depth) and keep each row's trace. The exit heads' own FLOPs are not counted here."""
+        from adainfer_ray.flops import item_flops
+
+        tr = self.engine.trace(encoded.item_ids)
+        L, P = self.lm.num_layers, len(self.encoder.prefix_ids)
+        flops = [item_flops(self.engine.dims, P, len(x), L, "none", len(self.task.labels), 1, self.cfg.reuse_prefix)
+                 for x in encoded.item_ids]
+        out = {"label": tr["final_label"], "label_score": tr["label_top"][:, -1], "exit_layer": np.full(len(where), L),
+               "full_label": tr["final_label"], "num_tokens": np.array([P + len(x) for x in encoded.item_ids]),
+               **{"flops_" + k: np.array([f[k] for f in flops]) for k in ("used", "full", "full_reuse")}}
+        self._fill(rows, np.array(where), out, np.array(encoded.truncated))
+        for j, i in enumerate(where):
+            traces[i] = {**{key: tr[key][j] for key in TRACE_FEATURES},
+                         "item_tokens": np.array([len(encoded.item_ids[j])])}
+
+    def _fill(self, rows, at, out, truncated):
+        labels = np.array(self.task.labels, dtype=object)
+        rows["label"][at] = labels[out["label"]]
+        rows["label_score"][at] = out["label_score"]
+        rows["exit_layer"][at] = out["exit_layer"]
+        rows["flops_used"][at], rows["flops_full"][at] = out["flops_used"], out["flops_full"]
+        full, reuse = out["flops_full"], out["flops_full_reuse"]
+        rows["compute_saved"][at] = 1 - out["flops_used"] / full
+        rows["exit_saved"][at] = (reuse - out["flops_used"]) / full
+        rows["prefix_saved"][at] = (full - reuse) / full
+        rows["num_tokens"][at] = out["num_tokens"]
+        rows["truncated"][at] = truncated
+        audited = out["full_label"] >= 0
+        rows["full_label"][at[audited]] = labels[out["full_label"][audited]]
+
+
+def _list_column(values: list) -> pa.Array:
+    """One float32 list per row from numpy arrays (flattened), null where a value is None."""
+    sizes = [0 if v is None else v.size for v in values]
+    offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32))
+    present = [v.ravel().astype(np.float32) for v in values if v is not None]
+    flat = pa.array(np.concatenate(present) if present else np.zeros(0, np.float32))
+    return pa.ListArray.from_arrays(offsets, flat, mask=pa.array([v is None for v in values]))
+
+
+# The per-layer exit features a trace holds ([L] per row; hidden: [L, D]), as the engine's trace names them.
+TRACE_FEATURES = ("hidden", "vocab_label", "vocab_top", "vocab_gap", "label_label", "label_top", "label_gap")
 
 
 def _empty_rows(n: int, num_layers: int) -> dict[str, np.ndarray]:
@@ -241,58 +342,121 @@ def parse_actors(spec: str) -> int | tuple[int, int]:
     raise JobError(f"--actors takes N or MIN,MAX (e.g. 4 or 1,8), got {spec!r}")
 
 
-def preflight(cfg: JobConfig) -> dict:
+@dataclass
+class Plan:
+    """What the driver resolved before any actor starts; actors receive these objects, never paths."""
+
+    files: list[str]
+    roots: list[str]  # the input root each file was found under: derived ids are relative to it
+    format: str
+    has_id_column: bool
+    task: object  # prompts.Task
+    policy: object  # policy.ExitPolicy
+    model_id: str
+    model_hash: str
+    num_layers: int
+    dims: object  # flops.ModelDims
+    prefix_tokens: int
+    gold_one_based: bool
+    embedded_rows: list | None = field(default=None, repr=False)  # the embedded corpus, read here
+
+
+def preflight(cfg: JobConfig, log=print) -> Plan:
     """Every check that can fail fast runs here, on the driver, before Ray starts any actor. What is
-    wrong with the user's input or settings is raised as one of the errors jobs/classify.py prints as
-    one line (JobError, io.InputError, PolicyError, UnsupportedModelError, FileNotFoundError)."""
-    import json
+    wrong with the user's input or settings is raised as one of the errors jobs/*.py print as one
+    line (JobError, io.InputError, PolicyError, UnsupportedModelError, FileNotFoundError)."""
+    from adainfer_ray.models import DTYPES
 
     _, files, roots = io.list_files(cfg.input)
     fmt = io.detect_format(files[0], cfg.format)
     required = {"--text-column": cfg.text_column}
-    if cfg.label_column:
-        required["--label-column"] = cfg.label_column
-    present = io.check_columns(files, fmt, required, {"--id-column": cfg.id_column})
+    for flag, column in (("--label-column", cfg.label_column), ("--group-column", cfg.group_column)):
+        if column:
+            required[flag] = column
+    present = io.check_columns(files, fmt, required, {"--id-column": cfg.id_column}, cfg.columns)
     parse_actors(cfg.actors)
-    if not 0 <= cfg.audit_fraction <= 1:
-        raise JobError("--audit-fraction must be between 0 and 1")
-    if cfg.batch_size < 1 or (cfg.limit is not None and cfg.limit < 0):
-        raise JobError("--batch-size must be at least 1 and --limit at least 0")
+    checks = [(0 <= cfg.audit_fraction <= 1, "--audit-fraction must be between 0 and 1"),
+              (cfg.audit_rows >= 0, "--audit-rows must be at least 0"),
+              (cfg.batch_size >= 1, "--batch-size must be at least 1"),
+              (cfg.limit is None or cfg.limit >= 0, "--limit must be at least 0"),
+              (cfg.calibrate >= 0, "--calibrate takes a number of rows (e.g. 2000)"),
+              (0 < cfg.epsilon < 1 and 0 < cfg.delta < 1, "--epsilon and --delta must be between 0 and 1"),
+              (cfg.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}")]
+    for ok, message in checks:
+        if not ok:
+            raise JobError(message)
 
-    from transformers import AutoTokenizer  # after the cheap checks: importing torch takes seconds
+    from transformers import AutoConfig, AutoTokenizer  # after the cheap checks: importing torch takes seconds
 
+    from adainfer_ray.flops import ModelDims
     from adainfer_ray.models import DEFAULT_MODEL, UnsupportedModelError, family_of, model_fingerprint, resolve_model_dir
+    from adainfer_ray.policy import ExitPolicy, PolicyError, resolve_policy
     from adainfer_ray.prompts import PromptEncoder
 
     model_dir = resolve_model_dir(cfg.model)
-    configs = {}
     for name in ("config.json", "tokenizer_config.json"):
         try:
-            configs[name] = json.loads((model_dir / name).read_text()) if (model_dir / name).exists() else {}
+            meta = json.loads((model_dir / name).read_text()) if (model_dir / name).exists() else {}
         except ValueError as e:
             raise UnsupportedModelError(f"{model_dir / name} is not valid JSON ({e}): is --model a Hugging Face "
                                         "model folder?") from e
         # A model folder can name its own Python classes (auto_map); loading them would run its code.
-        if configs[name].get("auto_map") and not cfg.trust_remote_code:
+        if meta.get("auto_map") and not cfg.trust_remote_code:
             raise UnsupportedModelError(f"model {cfg.model} asks to run its own Python code (auto_map in {name}): "
                                         "refused; pass --trust-remote-code only if you trust its source")
-    config = configs["config.json"]
-    family_of(config.get("model_type", "?"))
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+    family_of(config.model_type)
+    task = build_task(cfg)
     try:
-        task = build_task(cfg)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
-        PromptEncoder(task, tokenizer, config.get("max_position_embeddings") or config.get("n_positions") or 2048)
-    except JobError:
-        raise
-    except (OSError, ValueError) as e:  # an unknown task, a template without {text}, no tokenizer...
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+        encoder = PromptEncoder(task, tokenizer, limit)
+    except (OSError, ValueError) as e:  # no tokenizer, verbalizers sharing a token, a prefix too long...
         raise JobError(str(e)) from e
     model_id = DEFAULT_MODEL if cfg.model in (None, "", "default", DEFAULT_MODEL) else cfg.model
-    model_hash, num_layers = model_fingerprint(model_dir), config.get("num_hidden_layers") or config.get("n_layer")
-    policy = load_policy(cfg.policy, model_id, task)
-    policy.check_compatible(model_hash, task.fingerprint(), num_layers)
+    dims = ModelDims.from_config(config)
+    model_hash = model_fingerprint(model_dir)
+    if cfg.calibrate:
+        policy = ExitPolicy.full_depth()  # calibrate_policy makes the real one (or finds it on resume)
+    else:
+        policy = resolve_policy(cfg.policy, model_id, task.name)
+        policy.check_compatible(model_hash, task.fingerprint(), dims.layers)
+    if cfg.calibrate and cfg.policy not in ("default", "full"):
+        raise PolicyError("--calibrate makes its own policy: leave out --policy (or use jobs/calibrate.py "
+                          "once and --policy FOLDER for later runs)")
     io.check_writable(cfg.output)
-    return {"files": files, "roots": roots, "format": fmt, "has_id_column": present["--id-column"], "task": task,
-            "model_id": model_id, "policy": policy, "model_hash": model_hash, "num_layers": num_layers}
+    embedded = None
+    if cfg.input == str(EMBEDDED_CORPUS) or cfg.input.startswith("memory://"):
+        # The embedded corpus and memory:// live on this machine only: read here, hand the rows to Ray.
+        embedded = [t for f, r in zip(files, roots) for t in _read_file(f, r, fmt, cfg, present["--id-column"])]
+    return Plan(files=files, roots=roots, format=fmt, has_id_column=present["--id-column"], task=task, policy=policy,
+                model_id=model_id, model_hash=model_hash, num_layers=dims.layers, dims=dims,
+                prefix_tokens=len(encoder.prefix_ids),
+                gold_one_based=_gold_is_one_based(files, fmt, cfg, task) if cfg.label_column else False,
+                embedded_rows=embedded)
+
+
+def _gold_is_one_based(files, fmt, cfg, task, peek: int = 2000) -> bool:
+    """Integer gold labels are 0-based unless the first rows use 1..num_labels and never 0 (AG News)."""
+    values = []
+    for table in io.read_rows(files[0], fmt, cfg.text_column, None, cfg.label_column, columns=cfg.columns):
+        values += [v for v in table.column("gold_label").to_pylist() if v is not None]
+        if len(values) >= peek:
+            break
+    ints = [int(v) for v in values if v.strip().lstrip("-").isdigit()]
+    return bool(ints) and len(ints) == len(values) and min(ints) >= 1 and max(ints) == len(task.labels)
+
+
+def _warn_on_precision(policy, device_kind: str, dtype: str, log) -> None:
+    """A policy is calibrated at one precision; exit decisions at another can differ a little."""
+    promise = policy.promise
+    if not promise or not promise.get("dtype"):
+        return
+    now = run_precision(device_kind, dtype)
+    if promise["dtype"] != now:
+        log(f"warning: this policy was calibrated at {promise['dtype']} on {promise.get('device')}, and this run "
+            f"computes in {now}: exits can differ slightly from what calibration measured (use --dtype "
+            f"{promise['dtype']}, or calibrate at this precision with --calibrate N)")
 
 
 def init_ray():
@@ -300,127 +464,348 @@ def init_ray():
 
     if not ray.is_initialized():
         # Inside `ray job submit` RAY_ADDRESS points at the cluster; otherwise start a local Ray.
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, include_dashboard=False)
     return ray
 
 
-def _read_files(batch, fmt, text_column, id_column, label_column, done=None):
+@dataclass
+class Resources:
+    """How the model actors are placed, decided once from the cluster."""
+
+    gpus_per_actor: float
+    actors: int | tuple[int, int]
+    threads: int | None  # torch threads per CPU actor: the node's cores shared by the actors on it
+
+    @property
+    def device_kind(self) -> str:
+        return "cuda" if self.gpus_per_actor else "cpu"
+
+    @property
+    def max_actors(self) -> int:
+        return self.actors if isinstance(self.actors, int) else self.actors[1]
+
+
+def plan_resources(cfg: JobConfig, ray) -> Resources:
+    total = ray.cluster_resources()
+    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if total.get("GPU", 0) > 0 else 0.0)
+    actors = parse_actors(cfg.actors)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    node_cpus = min((int(n["Resources"].get("CPU", 1)) for n in nodes), default=1)
+    per_node = math.ceil((actors if isinstance(actors, int) else actors[1]) / max(1, len(nodes)))
+    return Resources(gpus, actors, None if gpus else max(1, node_cpus // per_node))
+
+
+def _read_file(path: str, root: str, fmt: str, cfg: JobConfig, has_id_column: bool):
+    """One input file as tables of io.INPUT_SCHEMA: the one reader every step uses."""
+    return io.read_rows(path, fmt, cfg.text_column, cfg.id_column if has_id_column else None,
+                        cfg.label_column, cfg.group_column, cfg.columns, root=root)
+
+
+def _read_files(batch, fmt, cfg, has_id_column, done=None):
     """Rows of each file in the batch, less those an earlier run already wrote (`done`)."""
     for path, root in zip(batch["path"], batch["root"]):
-        for table in io.read_rows(str(path), fmt, text_column, id_column, label_column, root=str(root)):
+        for table in _read_file(str(path), str(root), fmt, cfg, has_id_column):
             yield resume.drop_done(table, done) if done is not None else table
 
 
-def run_classify(cfg: JobConfig, log=print) -> dict:
-    """Run the whole job; returns the run record that is also written as the sidecar."""
-    started = datetime.now(timezone.utc)
-    t0 = time.perf_counter()
-    checked = preflight(cfg)
-    if not checked["has_id_column"]:
-        log(f"no column {cfg.id_column!r} in the input: ids are derived as <file path under the input>:<row number>")
-    # issue 12: who wrote the output; refuse to mix, keep the history of runs (adainfer_ray/resume.py).
-    # Checked before Ray starts; only the dtype waits for the cluster (GPUs or not).
-    identity = {"model_hash": checked["model_hash"], "policy_fingerprint": resume.policy_fingerprint(checked["policy"]),
-                "task_fingerprint": checked["task"].fingerprint()}
-    previous = resume.check_same_run(cfg.output, identity, cfg.overwrite, log)
-    done = resume.done_ids(cfg.output, log)
-    if len(done):
-        log(f"resuming: {len(done)} rows already in {cfg.output} are kept and not labeled again")
-    ray = init_ray()
-    resources = ray.cluster_resources()
-    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if resources.get("GPU", 0) > 0 else 0.0)
-    identity["dtype"] = _dtype(cfg.device, gpus)
-    resume.refuse_other_run(cfg.output, previous, identity)
-    runs = resume.start_record(cfg.output, previous, identity, {"start_time": started.isoformat(),
-                                                                "device": "cuda" if gpus else "cpu"})
-    state = runstate.start(f"{started:%Y%m%dT%H%M%S}-{os.getpid()}")
-    actors = parse_actors(cfg.actors)
-    max_actors = actors if isinstance(actors, int) else actors[1]
-    # CPU actors: torch uses the node's cores, but each actor reserves only one Ray CPU so that the
-    # readers and writers (one CPU each) can still be scheduled beside it.
-    threads = None if gpus else max(1, int(resources.get("CPU", 1)) // max_actors)
-    memory_in = cfg.input.startswith("memory://")
-    files, roots = checked["files"], checked["roots"]
-    read_args = dict(fmt=checked["format"], text_column=cfg.text_column, label_column=cfg.label_column,
-                     id_column=cfg.id_column if checked["has_id_column"] else None,
-                     done=ray.put(done) if len(done) else None)
-    if memory_in:  # memory:// lives in this process only: read here, hand the rows to Ray
-        tables = [t for f, r in zip(files, roots) for t in _read_files({"path": [f], "root": [r]}, **read_args)]
+# Blocks of at most this many bytes: a large file then streams to the actors as many blocks (Ray
+# Data's default, 128 MiB, would make a 100 MB JSONL file one block: one actor, no progress shown).
+BLOCK_BYTES = 4 << 20
+
+
+def read_dataset(cfg: JobConfig, plan: Plan, ray, done=None):
+    """The input as a Ray Dataset of io.INPUT_SCHEMA rows, less the ids in `done` (sorted id_keys)."""
+    ray.data.DataContext.get_current().target_max_block_size = BLOCK_BYTES
+    done_ref = ray.put(done) if done is not None and len(done) else None
+    if plan.embedded_rows is not None:
+        tables = [resume.drop_done(t, done_ref) if done_ref is not None else t for t in plan.embedded_rows]
         ds = ray.data.from_arrow(tables or [io.INPUT_SCHEMA.empty_table()])
     else:
         # One read task per file. Half a CPU each (reading is light) also keeps Ray Data from fusing
         # the reads into the model actors, where one actor call would get a bundle of up to
         # --batch-size files: one actor reading everything, and a crash rerunning all of it.
-        ds = ray.data.from_items([{"path": f, "root": r} for f, r in zip(files, roots)],
-                                 override_num_blocks=len(files)).map_batches(
-            _read_files, batch_size=1, fn_kwargs=read_args, batch_format="numpy", num_cpus=0.5)
-    if cfg.limit is not None:
-        ds = ds.limit(cfg.limit)
+        items = [{"path": f, "root": r} for f, r in zip(plan.files, plan.roots)]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _read_files, batch_size=1, batch_format="numpy", num_cpus=0.5,
+            fn_kwargs=dict(fmt=plan.format, cfg=cfg, has_id_column=plan.has_id_column, done=done_ref))
+    return ds.limit(cfg.limit) if cfg.limit is not None else ds
+
+
+def _map_classifier(ds, cfg: JobConfig, task, policy, res: Resources, **actor_kwargs):
+    """The one place model actors are started: labeling, tracing and the public `label` stage."""
+    import ray
+
     # The actors get this driver's ADAINFER_* settings (the model cache, the crash drill in
     # Classifier): on a cluster started elsewhere, workers inherit `ray start`'s environment instead.
     env = {k: v for k, v in os.environ.items() if k.startswith("ADAINFER_")}
-    ds = ds.map_batches(
-        Classifier, fn_constructor_kwargs={"cfg": cfg, "threads": threads, "run_state": state},
-        batch_size=cfg.batch_size, batch_format="numpy", concurrency=actors, num_gpus=gpus,
-        num_cpus=None if gpus else 1, runtime_env={"env_vars": env} if env else None,
-        # Ray Data places pool actors with SPREAD (DataContext default): over the nodes, not packed on one.
-        # No retry settings needed: Ray Data restarts a dead actor without limit and runs the blocks
-        # it held again (max_restarts=-1, max_task_retries=-1 are its defaults for actor pools).
+    pool = ray.data.ActorPoolStrategy(size=res.actors) if isinstance(res.actors, int) else \
+        ray.data.ActorPoolStrategy(min_size=res.actors[0], max_size=res.actors[1])
+    return ds.map_batches(
+        Classifier, fn_constructor_kwargs={"cfg": cfg, "task": task, "policy": policy, "threads": res.threads,
+                                           **actor_kwargs},
+        batch_size=cfg.batch_size, batch_format="numpy", compute=pool,
+        num_gpus=res.gpus_per_actor, num_cpus=None if res.gpus_per_actor else 1,
+        runtime_env={"env_vars": env} if env else None,
+        # No retry settings needed: Ray Data restarts a dead actor and runs the blocks it held again.
     )
-    out_fs, out_root = io.output_fs(cfg.output)
-    if out_fs.protocol in ("memory", ("memory",)) or "memory" in getattr(out_fs, "protocol", ()):
-        import pyarrow.parquet as pq
 
-        for k, batch in enumerate(ds.iter_batches(batch_format="pyarrow", batch_size=None)):
-            with out_fs.open(f"{out_root.rstrip('/')}/part-{started:%Y%m%dT%H%M%S}-{k:05d}.parquet", "wb") as f:
-                pq.write_table(batch, f)
+
+def label(ds, *, text_column: str = "text", id_column: str | None = None, task: str = "sentiment",
+          labels: list[str] | None = None, template: str | None = None, model: str = "smollm2-135m",
+          policy: str = "default", device: str = "auto", dtype: str = "auto", actors: str | int = 1,
+          gpus_per_actor: float | None = None, batch_size: int = 256, audit_fraction: float = 0.01,
+          seed: int = 0, trust_remote_code: bool = False):
+    """Early-exit labeling as one stage of your own Ray Data pipeline: returns `ds` with the output
+    columns (schema.OUTPUT_SCHEMA: label, exit_layer, compute_saved, ...) added to its own.
+
+        ds = ray.data.read_parquet("s3://bucket/reviews/")
+        ds = adainfer_ray.label(ds, text_column="body", id_column="review_id")
+        ds.write_parquet("s3://bucket/labels/")
+
+    `policy`: "default" (shipped for the default model and built-in tasks), "full", or a folder
+    from jobs/calibrate.py. Without `id_column`, the audit sample is drawn by text.
+    """
+
+    from adainfer_ray.models import DEFAULT_MODEL, model_fingerprint, resolve_model_dir
+    from adainfer_ray.policy import resolve_policy
+
+    cfg = JobConfig(text_column=text_column, id_column=id_column or "", task=task, labels=labels, template=template,
+                    model=model, policy=policy, device=device, dtype=dtype, actors=str(actors),
+                    gpus_per_actor=gpus_per_actor, batch_size=batch_size, audit_fraction=audit_fraction, seed=seed,
+                    trust_remote_code=trust_remote_code)
+    the_task = build_task(cfg)
+    model_id = DEFAULT_MODEL if model in ("", "default", DEFAULT_MODEL) else model
+    exit_policy = resolve_policy(policy, model_id, the_task.name)
+    from transformers import AutoConfig
+
+    model_dir = resolve_model_dir(model)
+    exit_policy.check_compatible(model_fingerprint(model_dir), the_task.fingerprint(),
+                                 AutoConfig.from_pretrained(model_dir).num_hidden_layers)
+    clash = set(OUTPUT_SCHEMA.names)
+    keep = [c for c in ds.columns() if c not in clash]
+    return _map_classifier(ds, cfg, the_task, exit_policy, plan_resources(cfg, init_ray()), audit_rate=audit_fraction,
+                           text_column=text_column, id_column=id_column, keep_columns=keep)
+
+
+# -- calibration inside the job -----------------------------------------------------------------------
+
+
+@dataclass
+class Calibration:
+    policy: object  # policy.ExitPolicy, saved in `folder`
+    folder: str
+    result: object | None  # calibrate.CalibrationResult (None when an earlier run's policy was reused)
+    sample: pa.Table | None  # the sample's output rows (full-depth labels, calibration = True)
+    rows_seen: int  # rows of the input (after --limit), counted while drawing the sample
+
+
+def _calibration_keys(batch, seed: int):
+    return {"key": calibration_keys(batch["id"], seed)}
+
+
+def _in_sample(batch, seed: int, cutoff: float):
+    keep = calibration_keys(batch["id"], seed) <= cutoff
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def draw_sample_cutoff(ds, size: int, seed: int) -> tuple[float, int]:
+    """The key of the size-th smallest row: rows with key <= cutoff are a uniform random sample of
+    `size` rows (all rows when there are fewer), drawn in one streaming pass that keeps `size` keys."""
+    smallest, seen = np.zeros(0), 0
+    keys = ds.select_columns(["id"]).map_batches(_calibration_keys, fn_kwargs={"seed": seed}, batch_format="numpy")
+    for batch in keys.iter_batches(batch_format="numpy", batch_size=None):
+        seen += len(batch["key"])
+        smallest = np.concatenate([smallest, batch["key"]])
+        if len(smallest) > size:
+            smallest = np.partition(smallest, size - 1)[:size]
+    return (float(smallest.max()) if len(smallest) else -1.0), seen
+
+
+def calibrate_policy(cfg: JobConfig, plan: Plan, ray, res: Resources, folder: str, size: int, log=print,
+                     command: str = "", run_state=None) -> Calibration:
+    """Draw a seeded uniform sample of `size` input rows, trace it at full depth through the job's
+    own actors, calibrate on the driver (Learn-then-Test) and write the policy and its report to
+    `folder` (local or fsspec). Used by `classify --calibrate N` and by jobs/calibrate.py."""
+    import adainfer_ray
+    from adainfer_ray import calibrate as cal
+    from adainfer_ray.calibration_report import write_report
+
+    t0 = time.perf_counter()
+    ds = read_dataset(cfg, plan, ray)
+    cutoff, seen = draw_sample_cutoff(ds, size, cfg.seed)
+    log(f"calibration: tracing a seeded random sample of {min(size, seen)} of {seen} rows at full depth "
+        "(every layer's exit features)...")
+    sample = ds.map_batches(_in_sample, fn_kwargs={"seed": cfg.seed, "cutoff": cutoff}, batch_format="numpy")
+    traced = _map_classifier(sample, cfg, plan.task, plan.policy, res, trace=True, run_state=run_state,
+                             gold_one_based=plan.gold_one_based, keep_columns=("group",))
+    outputs, parts = [], []
+    for batch in traced.iter_batches(batch_format="pyarrow", batch_size=None):
+        outputs.append(batch.select(OUTPUT_SCHEMA.names))
+        keep = batch.column("trace_item_tokens").is_valid().to_numpy(zero_copy_only=False)
+        parts.append({"gold": np.array(batch.column("gold_label").to_pylist(), dtype=object)[keep],
+                      "group": np.array(batch.column("group").to_pylist(), dtype=object)[keep],
+                      **{k: _trace_column(batch.column("trace_" + k).filter(pa.array(keep)), plan.num_layers)
+                         for k in TRACE_FEATURES + ("item_tokens",)}})
+    sample_rows = pa.concat_tables(outputs) if outputs else OUTPUT_SCHEMA.empty_table()
+    trace = {k: np.concatenate([p[k] for p in parts]) for k in TRACE_FEATURES + ("item_tokens",)} if parts else {}
+    if not trace or not len(trace["item_tokens"]):
+        raise JobError("the calibration sample holds no row that could be labeled: check --input and --text-column")
+    for key in ("vocab_label", "label_label", "item_tokens"):
+        trace[key] = trace[key].astype(np.int64)
+    trace["final_label"] = trace["label_label"][:, -1]
+    labels = {name: i for i, name in enumerate(plan.task.labels)}
+    gold = np.array([labels.get(g, -1) for p in parts for g in p["gold"]])
+    groups = np.concatenate([p["group"] for p in parts]) if cfg.group_column else None
+    log(f"calibration: traced {len(gold)} rows in {time.perf_counter() - t0:.0f} s; fitting and testing exit rules...")
+    device_kind = res.device_kind
+    provenance = {
+        "model_id": plan.model_id, "model_hash": plan.model_hash, "num_layers": plan.num_layers,
+        "task": plan.task.name, "task_fingerprint": plan.task.fingerprint(), "template": plan.task.template,
+        "labels": list(plan.task.labels), "verbalizers": list(plan.task.verbalizers),
+        "dtype": run_precision(device_kind, cfg.dtype), "device": device_kind,
+        "input": cfg.input, "sample_seed": cfg.seed, "rows_in_input": seen, "group_column": cfg.group_column,
+        "actor_nodes": ray.get(run_state.actor_nodes.remote()) if run_state is not None else None,
+        "created_by": command or "adainfer_ray.pipeline.calibrate_policy",
+        "adainfer_ray_version": adainfer_ray.__version__,
+    }
+    result = cal.calibrate(trace, plan.dims, plan.prefix_tokens, len(plan.task.labels), epsilon=cfg.epsilon,
+                           delta=cfg.delta, seed=cfg.seed, gold=gold if (gold >= 0).any() else None,
+                           groups=groups, provenance=provenance, log=lambda m: log("  " + m))
+    result.policy.save(folder)
+    with tempfile.TemporaryDirectory() as tmp:  # the report is local files; copy them next to the policy
+        write_report(result, tmp)
+        fs, root = io.output_fs(folder)
+        fs.put(tmp + "/", posixpath.join(root, "report") + "/", recursive=True)
+    log(f"calibration: policy and report written to {folder}")
+    return Calibration(result.policy, folder, result, sample_rows, seen)
+
+
+def _trace_column(column, num_layers: int) -> np.ndarray:
+    """A trace column (one list per row, all of one length) back to numpy: [n, L] per-layer values,
+    [n, L, D] hidden states, [n] item token counts."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    n = len(column)
+    if n == 0 or len(values) == n:  # one value per row
+        return values
+    per_layer = values.reshape(n, num_layers, -1)
+    return per_layer[..., 0] if per_layer.shape[-1] == 1 else per_layer
+
+
+# -- the job ------------------------------------------------------------------------------------------
+
+
+def run_classify(cfg: JobConfig, log=print) -> dict:
+    """Run the whole job; returns the run record that is also written as the sidecar."""
+    from adainfer_ray import report
+
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    plan = preflight(cfg, log)
+    if not plan.has_id_column:
+        log(f"no column {cfg.id_column!r} in the input: ids are derived as <file path under --input>:<row number>")
+    # Who writes this output: a rerun that would mix labels of two kinds is refused (resume.py), before
+    # Ray starts as far as the flags tell: the dtype waits for the cluster, a --calibrate policy for calibration.
+    identity = {"model_hash": plan.model_hash, "task_fingerprint": plan.task.fingerprint()}
+    if not cfg.calibrate:
+        identity["policy_fingerprint"] = resume.policy_fingerprint(plan.policy)
+    previous = resume.check_same_run(cfg.output, identity, cfg.overwrite, log)
+    ray = init_ray()
+    res = plan_resources(cfg, ray)
+    identity["dtype"] = run_precision(res.device_kind, cfg.dtype)
+    resume.refuse_other_run(cfg.output, previous, identity)
+    state = runstate.start(f"{started:%Y%m%dT%H%M%S}-{os.getpid()}")
+    calibration, rows_seen = None, None
+    if cfg.calibrate:
+        calibration = _calibrate_or_resume(cfg, plan, ray, res, previous, state, log)
+        plan = replace(plan, policy=calibration.policy)
+        rows_seen = calibration.rows_seen
     else:
-        ds.write_parquet(cfg.output)
+        _warn_on_precision(plan.policy, res.device_kind, cfg.dtype, log)
+    identity["policy_fingerprint"] = resume.policy_fingerprint(plan.policy)
+    resume.check_same_run(cfg.output, identity, False, log)
+    done = resume.done_ids(cfg.output, log)
+    if calibration is not None and calibration.sample is not None:
+        log(f"calibration: the sample's {len(calibration.sample)} rows are written; labeling the other rows")
+    elif len(done):
+        log(f"resuming: {len(done)} rows already in {cfg.output} are kept and not labeled again")
+    runs = resume.start_record(cfg.output, previous, identity, {"start_time": started.isoformat(),
+                                                                "device": res.device_kind})
+    if rows_seen is None:  # the audit's size needs the corpus size: an estimate is enough
+        rows_seen = (sum(len(t) for t in plan.embedded_rows) if plan.embedded_rows is not None
+                     else io.estimate_rows(plan.files, plan.format))
+        rows_seen = min(rows_seen, cfg.limit) if cfg.limit is not None else rows_seen
+    audit_rate = 0.0 if plan.policy.never_exits else \
+        max(cfg.audit_fraction, min(1.0, cfg.audit_rows / max(1, rows_seen)))
+    ds = read_dataset(cfg, plan, ray, done)
+    ds = _map_classifier(ds, cfg, plan.task, plan.policy, res, audit_rate=audit_rate,
+                         gold_one_based=plan.gold_one_based, run_state=state)
+    _write(ds, cfg.output, started)
     if not io.output_files(cfg.output):  # no rows at all: still leave a table that every reader can open
         io.write_parquet(cfg.output, "empty.parquet", OUTPUT_SCHEMA.empty_table())
     wall = time.perf_counter() - t0
     actor_nodes = ray.get(state.actor_nodes.remote())
     ray.kill(state)
-    summary = summarize_output(cfg.output)
+    summary = report.summarize_run([cfg.output])
     if summary["rows"] == 0:
         log(f"the input holds no rows: {cfg.output} holds an empty table (empty.parquet) and {SIDECAR_NAME}")
-    elif len(done) and summary["rows"] == len(done):
+    elif len(done) and summary["rows"] == len(done) and calibration is None:
         log("nothing left to label: every input row was already in the output")
-
+    policy = plan.policy
+    fresh_sample = calibration.sample if calibration is not None and calibration.sample is not None else None
+    resumed = len(done) - (len(fresh_sample) if fresh_sample is not None else 0)  # this run wrote the sample
     this_run = {**runs[-1], "end_time": datetime.now(timezone.utc).isoformat(), "wall_s": wall,
-                "rows_this_run": summary["rows"] - len(done), "gpu_name": _gpu_name() if gpus else None,
-                "num_gpus": gpus * max_actors, "num_actors": cfg.actors, "actor_nodes": actor_nodes}
+                "rows_this_run": summary["rows"] - resumed, "gpu_name": _gpu_name() if res.gpus_per_actor else None,
+                "num_gpus": res.gpus_per_actor * res.max_actors, "num_actors": cfg.actors, "actor_nodes": actor_nodes}
     record = {
         **identity, "runs": runs[:-1] + [this_run], "actor_nodes": actor_nodes,
-        "model": checked["model_id"], "model_hash": checked["model_hash"],
-        "policy": cfg.policy, "num_layers": checked["num_layers"], "policy_features": checked["policy"].features,
-        "policy_metadata": checked["policy"].metadata, "task": checked["task"].to_dict(),
-        "template": checked["task"].template, "labels": list(checked["task"].labels),
-        "flags": asdict(cfg), "ray_version": ray.__version__,
-        "device": "cuda" if gpus else "cpu", "gpu_name": _gpu_name() if gpus else None,
-        "num_gpus": gpus * max_actors, "num_actors": cfg.actors,
-        "start_time": started.isoformat(), "end_time": datetime.now(timezone.utc).isoformat(),
-        "wall_s": wall, "rows_this_run": summary["rows"] - len(done), "resumed_rows": len(done),
-        "rows": summary["rows"], "errors": summary["errors"],
-        "rows_per_s": (summary["rows"] - len(done)) / wall if wall else None, "output": cfg.output,
-        "summary": summary,
+        "model": plan.model_id, "policy": calibration.folder if calibration else cfg.policy,
+        "num_layers": plan.num_layers, "policy_features": policy.features, "policy_metadata": policy.metadata,
+        "promise": policy.promise, "task": plan.task.to_dict(), "template": plan.task.template,
+        "labels": list(plan.task.labels), "flags": asdict(cfg), "ray_version": ray.__version__,
+        "device": res.device_kind, "gpu_name": this_run["gpu_name"], "num_gpus": this_run["num_gpus"],
+        "num_actors": cfg.actors, "audit_rate": audit_rate, "start_time": started.isoformat(),
+        "end_time": this_run["end_time"], "wall_s": wall, "rows_this_run": this_run["rows_this_run"],
+        "resumed_rows": resumed, "rows": summary["rows"], "errors": summary["error_rows"],
+        "rows_per_s": this_run["rows_this_run"] / wall if wall else None, "output": cfg.output, "summary": summary,
     }
+    record["verdict"] = summary["verdict"] = report.run_verdict(summary, policy.promise)
     io.write_json(cfg.output, SIDECAR_NAME, record)
     return record
 
 
-def _dtype(device: str, gpus: float) -> str:
-    """The dtype the actors compute in (models.pick_device): fp32 on CPU; on CUDA bf16, or fp16 where
-    bf16 is missing, which only a GPU can tell: a driver without one records `cuda-half`."""
-    if device == "cpu" or (device == "auto" and not gpus):
-        return "float32"
-    import torch
+def _calibrate_or_resume(cfg: JobConfig, plan: Plan, ray, res: Resources, previous: dict | None, state,
+                         log) -> Calibration:
+    """--calibrate: reuse the policy an earlier run of this output calibrated, or make it now and
+    write the sample's rows (labeled at full depth while tracing: no extra cost)."""
+    from adainfer_ray.policy import ExitPolicy
 
-    if not torch.cuda.is_available():
-        return "cuda-half"
-    from adainfer_ray.models import pick_device
+    fs, root = io.output_fs(cfg.output)
+    folder = cfg.output.rstrip("/") + "/" + POLICY_SUBDIR
+    calibrated = fs.exists(posixpath.join(root, POLICY_SUBDIR, "policy.json"))
+    if previous is not None and not calibrated:
+        raise resume.ResumeError(f"--output {cfg.output} holds labels made without --calibrate: pick another "
+                                 "--output, or pass --overwrite to replace them")
+    if calibrated:
+        policy = ExitPolicy.load(folder)
+        policy.check_compatible(plan.model_hash, plan.task.fingerprint(), plan.num_layers)
+        log(f"resuming: reusing the policy calibrated by the earlier run in {folder}")
+        return Calibration(policy, folder, None, None, int(policy.metadata.get("rows_in_input") or 0) or None)
+    calibration = calibrate_policy(cfg, plan, ray, res, folder, cfg.calibrate, log, run_state=state)
+    io.write_parquet(cfg.output, SAMPLE_FILE, calibration.sample)
+    return calibration
 
-    return str(pick_device("cuda")[1]).removeprefix("torch.")
+
+def _write(ds, output: str, started: datetime) -> None:
+    out_fs, out_root = io.output_fs(output)
+    if "memory" in (out_fs.protocol if isinstance(out_fs.protocol, tuple) else (out_fs.protocol,)):
+        import pyarrow.parquet as pq  # memory:// lives in this process only: write from here
+
+        for k, batch in enumerate(ds.iter_batches(batch_format="pyarrow", batch_size=None)):
+            with out_fs.open(f"{out_root.rstrip('/')}/part-{started:%Y%m%dT%H%M%S}-{k:05d}.parquet", "wb") as f:
+                pq.write_table(batch, f)
+    else:
+        ds.write_parquet(output)
 
 
 def _gpu_name():
@@ -430,42 +815,3 @@ def _gpu_name():
         return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except Exception:  # noqa: BLE001
         return None
-
-
-def summarize_output(output: str) -> dict:
-    """Streaming totals over the written Parquet (one row group at a time): rows, errors, exit depth,
-    FLOPs saved, agreement with the audited full-depth labels, accuracy against gold."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    fs, _ = io.output_fs(output)
-    keys = ("rows", "errors", "truncated", "exit_layers", "layers", "flops_used", "flops_full", "flops_exit_saved",
-            "audited", "audit_agree", "gold", "gold_correct")
-    t = dict.fromkeys(keys, 0)
-    cols = ["label", "exit_layer", "num_layers", "flops_used", "flops_full", "exit_saved", "full_label",
-            "gold_label", "error", "truncated"]
-    for path in io.output_files(output):
-        with fs.open(path, "rb") as f:
-            for b in pq.ParquetFile(f).iter_batches(columns=cols):
-                ok = b.filter(pc.is_null(b.column("error")))
-                t["rows"] += b.num_rows
-                t["errors"] += b.num_rows - ok.num_rows
-                t["truncated"] += pc.sum(ok.column("truncated")).as_py() or 0
-                for key, col in (("exit_layers", "exit_layer"), ("layers", "num_layers"),
-                                 ("flops_used", "flops_used"), ("flops_full", "flops_full")):
-                    t[key] += pc.sum(ok.column(col)).as_py() or 0
-                t["flops_exit_saved"] += pc.sum(pc.multiply(ok.column("exit_saved"), ok.column("flops_full"))).as_py() or 0
-                for n_key, hit_key, col in (("audited", "audit_agree", "full_label"), ("gold", "gold_correct", "gold_label")):
-                    ref = ok.filter(pc.is_valid(ok.column(col)))
-                    t[n_key] += ref.num_rows
-                    t[hit_key] += pc.sum(pc.equal(ref.column("label"), ref.column(col))).as_py() or 0
-    ok_rows = t["rows"] - t["errors"]
-    return {
-        "rows": t["rows"], "errors": t["errors"], "truncated": t["truncated"],
-        "mean_exit_layer": t["exit_layers"] / ok_rows if ok_rows else None,
-        "layers_skipped": 1 - t["exit_layers"] / t["layers"] if t["layers"] else None,
-        "flops_saved": 1 - t["flops_used"] / t["flops_full"] if t["flops_full"] else None,
-        "flops_saved_by_exit": t["flops_exit_saved"] / t["flops_full"] if t["flops_full"] else None,
-        "audited": t["audited"], "audit_agreement": t["audit_agree"] / t["audited"] if t["audited"] else None,
-        "gold_rows": t["gold"], "accuracy": t["gold_correct"] / t["gold"] if t["gold"] else None,
-    }

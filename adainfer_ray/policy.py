@@ -12,14 +12,18 @@ Artifacts are data: a folder with `policy.json` (settings, metadata) and `arrays
 from __future__ import annotations
 
 import json
+import posixpath
 from pathlib import Path
 
+import fsspec
 import numpy as np
 
 from adainfer_ray.features import FEATURE_MODES, LinearProbes
 
 POLICY_JSON, POLICY_ARRAYS = "policy.json", "arrays.safetensors"
 FORMAT_VERSION = 1
+# Policies shipped in the package, one folder per (model id, built-in task): <model id>-<task name>/
+SHIPPED_POLICIES = Path(__file__).parent / "data" / "policies"
 
 
 class PolicyError(ValueError):
@@ -118,11 +122,10 @@ class ExitPolicy:
 
     # -- artifacts ------------------------------------------------------------------------------
 
-    def save(self, folder) -> Path:
-        from safetensors.numpy import save_file
+    def save(self, folder: str) -> str:
+        """Write policy.json + arrays.safetensors into `folder`: a local path or any fsspec URI."""
+        from safetensors.numpy import save
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         arrays, settings = {}, {
             "format_version": FORMAT_VERSION, "features": self.features, "kernel": self.kernel,
             "C": self.C, "gamma": self.gamma, "min_layer": self.min_layer, "threshold": float(self.threshold),
@@ -133,35 +136,58 @@ class ExitPolicy:
             arrays.update(vectors=self.vectors_, dual=self.dual_, intercept=self.intercept_)
         if self.probes_ is not None:
             arrays.update(probe_coef=self.probes_.coef_, probe_intercept=self.probes_.intercept_)
-        (folder / POLICY_JSON).write_text(json.dumps(settings, indent=2, default=_jsonable))
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(folder / POLICY_ARRAYS))
-        return folder
+        fs, root = fsspec.core.url_to_fs(str(folder))
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(posixpath.join(root, POLICY_ARRAYS), "wb") as f:
+            f.write(save({k: np.ascontiguousarray(v) for k, v in arrays.items()}))
+        with fs.open(posixpath.join(root, POLICY_JSON), "w") as f:  # last: its presence marks a whole policy
+            f.write(json.dumps(settings, indent=2, default=_jsonable))
+        return str(folder)
 
     @classmethod
     def load(cls, path) -> "ExitPolicy":
-        """Load a policy folder (or its policy.json). Plain JSON + safetensors: no code runs."""
-        from safetensors.numpy import load_file
+        """Load a policy folder (or its policy.json), local or fsspec URI. Plain JSON + safetensors:
+        no code runs."""
+        from safetensors.numpy import load
 
-        folder = Path(path)
-        folder = folder.parent if folder.name == POLICY_JSON else folder
+        fs, root = fsspec.core.url_to_fs(str(path))
+        root = posixpath.dirname(root) if root.endswith(POLICY_JSON) else root
         try:
-            settings = json.loads((folder / POLICY_JSON).read_text())
-            arrays = load_file(str(folder / POLICY_ARRAYS)) if (folder / POLICY_ARRAYS).exists() else {}
+            with fs.open(posixpath.join(root, POLICY_JSON), "r") as f:
+                settings = json.loads(f.read())
+            arrays_path = posixpath.join(root, POLICY_ARRAYS)
+            arrays = {}
+            if fs.exists(arrays_path):
+                with fs.open(arrays_path, "rb") as f:
+                    arrays = load(f.read())
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise PolicyError(f"cannot read exit policy at {path}: {e}. "
                               "Pass a folder written by jobs/calibrate.py, `default`, or `full`.") from e
-        if settings.get("format_version") != FORMAT_VERSION:
-            raise PolicyError(f"{path}: policy format {settings.get('format_version')!r}, expected {FORMAT_VERSION}")
-        policy = cls(features=settings["features"], kernel=settings["kernel"], C=settings["C"],
-                     gamma=settings["gamma"], min_layer=settings["min_layer"], threshold=settings["threshold"])
-        policy.num_layers_, policy.metadata = settings["num_layers"], settings.get("metadata", {})
-        if not policy.never_exits:
-            policy.kernel_, policy.gamma_ = settings["kernel_"], settings.get("gamma_")
-            policy.vectors_, policy.dual_, policy.intercept_ = arrays["vectors"], arrays["dual"], arrays["intercept"]
-        if "probe_coef" in arrays:
-            policy.probes_ = LinearProbes()
-            policy.probes_.coef_, policy.probes_.intercept_ = arrays["probe_coef"], arrays["probe_intercept"]
+        if not isinstance(settings, dict) or settings.get("format_version") != FORMAT_VERSION:
+            raise PolicyError(f"{path}: not an exit policy of format {FORMAT_VERSION}")
+        try:
+            policy = cls(features=settings["features"], kernel=settings["kernel"], C=settings["C"],
+                         gamma=settings["gamma"], min_layer=settings["min_layer"], threshold=settings["threshold"])
+            policy.num_layers_, policy.metadata = settings["num_layers"], settings.get("metadata", {})
+            if not policy.never_exits:
+                policy.kernel_, policy.gamma_ = settings["kernel_"], settings.get("gamma_")
+                policy.vectors_, policy.dual_, policy.intercept_ = arrays["vectors"], arrays["dual"], arrays["intercept"]
+            if "probe_coef" in arrays:
+                policy.probes_ = LinearProbes()
+                policy.probes_.coef_, policy.probes_.intercept_ = arrays["probe_coef"], arrays["probe_intercept"]
+        except (KeyError, TypeError) as e:
+            raise PolicyError(f"cannot read exit policy at {path}: missing {e}. "
+                              "Pass a folder written by jobs/calibrate.py, `default`, or `full`.") from e
         return policy
+
+    @property
+    def promise(self) -> dict | None:
+        """The calibrated guarantee (epsilon, delta, sample size, expected layers skipped), if any."""
+        m = self.metadata
+        if self.never_exits or not m.get("guaranteed"):
+            return None
+        return {"epsilon": m.get("epsilon"), "delta": m.get("delta"), "calibration_size": m.get("calibration_size"),
+                "layers_skipped": m.get("layers_skipped"), "dtype": m.get("dtype"), "device": m.get("device")}
 
     def check_compatible(self, model_hash: str, task_fingerprint: str, num_layers: int):
         """Refuse a policy calibrated for other weights or another prompt format."""
@@ -172,11 +198,26 @@ class ExitPolicy:
             raise PolicyError(f"policy was made for a {self.num_layers_}-layer model; this model has {num_layers}")
         if meta.get("model_hash") and meta["model_hash"] != model_hash:
             raise PolicyError(f"policy was calibrated for model {meta.get('model_id')} ({meta['model_hash']}), "
-                              f"not this one ({model_hash}): recalibrate with jobs/calibrate.py or use --policy full")
+                              f"not this one ({model_hash}): recalibrate with --calibrate N (or jobs/calibrate.py), or use --policy full")
         if meta.get("task_fingerprint") and meta["task_fingerprint"] != task_fingerprint:
             raise PolicyError(f"policy was calibrated for another prompt template/labels (task {meta.get('task')!r}, "
                               f"{meta['task_fingerprint']}); this run's is {task_fingerprint}: "
-                              "recalibrate with jobs/calibrate.py or use --policy full")
+                              "recalibrate with --calibrate N (or jobs/calibrate.py), or use --policy full")
+
+
+def resolve_policy(spec: str, model_id: str, task_name: str) -> ExitPolicy:
+    """The one place a --policy value becomes a policy: `full`, `default` (shipped for the default
+    model and the built-in tasks), or a folder / fsspec URI written by calibration."""
+    if spec == "full":
+        return ExitPolicy.full_depth()
+    if spec == "default":
+        folder = SHIPPED_POLICIES / f"{model_id}-{task_name}"
+        if not (folder / POLICY_JSON).exists():
+            raise PolicyError(f"no exit policy ships for model {model_id!r} and task {task_name!r}: "
+                              "pass --calibrate N to calibrate one on N rows of this corpus inside the run, "
+                              "or --policy full for no early exit")
+        return ExitPolicy.load(folder)
+    return ExitPolicy.load(spec)
 
 
 def _jsonable(x):

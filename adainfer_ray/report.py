@@ -26,8 +26,8 @@ Conventions in `summary.json` (stable snake_case names; `null` means "not comput
 - Error rows (`error` not null) count in `rows`, `error_rows`, `truncated_rows` and
   `gold_accuracy.rows_without_label`, and in no other figure.
 
-This module is a leaf of the package: it imports nothing from it but `schema`, and never torch or
-ray, so reports run anywhere pyarrow runs.
+This module is a leaf of the package: it imports nothing from it but `schema` and `stats`, and
+never torch or ray, so reports run anywhere pyarrow runs.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from adainfer_ray.schema import OUTPUT_SCHEMA, SIDECAR_NAME
+from adainfer_ray.stats import rows_to_confirm, upper_bound
 
 # --- Prices ------------------------------------------------------------------------------------
 
@@ -236,6 +237,14 @@ class RunSummary:
                                  for name in ("compute_saved", "exit_saved", "prefix_saved")}
         self.audit_rows = 0
         self.audit_agreeing = 0
+        self.calibration_rows = 0
+        # Rows labeled by the policy (outside the --calibrate sample): what the promise is about.
+        self.policy_rows = 0
+        self.policy_layers_skipped = 0.0
+        self.policy_gold_rows = 0
+        self.policy_gold_correct = 0
+        self.full_gold_rows = 0  # audited rows with a gold label: accuracy at full depth
+        self.full_gold_correct = 0
         self.gold_rows = 0
         self.gold_correct = 0
         self.gold_rows_without_label = 0
@@ -324,10 +333,26 @@ class RunSummary:
     def _count_agreement(self, batch: pa.RecordBatch, ok: np.ndarray) -> None:
         label = _column(batch, "label")
         has_label = ok & _is_valid(label)
-        compared, same = _matches(label, _column(batch, "full_label"), has_label)
+        # The --calibrate sample ran at full depth: it agrees with itself and measures nothing.
+        sample = (_column(batch, "calibration").fill_null(False).to_numpy(zero_copy_only=False)
+                  if "calibration" in batch.schema.names else np.zeros(batch.num_rows, bool))
+        self.calibration_rows += int(sample.sum())
+        policy_rows = has_label & ~sample
+        self.policy_rows += int(policy_rows.sum())
+        with np.errstate(invalid="ignore", divide="ignore"):
+            skipped = 1 - _numbers(batch, "exit_layer") / _numbers(batch, "num_layers")
+        self.policy_layers_skipped += float(np.nansum(np.where(policy_rows, skipped, 0.0)))
+        compared, same = _matches(label, _column(batch, "gold_label"), policy_rows)
+        self.policy_gold_rows += compared
+        self.policy_gold_correct += same
+        full = _column(batch, "full_label")
+        compared, same = _matches(label, full, has_label & ~sample)
         self.audit_rows += compared
         self.audit_agreeing += same
         gold = _column(batch, "gold_label")
+        compared, same = _matches(full, gold, has_label & ~sample & _is_valid(full))
+        self.full_gold_rows += compared
+        self.full_gold_correct += same
         compared, same = _matches(label, gold, has_label)
         self.gold_rows += compared
         self.gold_correct += same
@@ -370,6 +395,12 @@ class RunSummary:
                                          **_flop_figures(labelled[label])}
                                  for label in label_counts},
             "audit_agreement": _proportion(self.audit_agreeing, self.audit_rows),
+            "audit_disagreement_bound95": upper_bound(self.audit_rows - self.audit_agreeing, self.audit_rows),
+            "calibration_rows": self.calibration_rows,
+            "outside_sample": {"rows": self.policy_rows,
+                               "layers_skipped_share": _ratio(self.policy_layers_skipped, self.policy_rows),
+                               "gold_accuracy": _proportion(self.policy_gold_correct, self.policy_gold_rows)},
+            "full_depth_gold_accuracy": _proportion(self.full_gold_correct, self.full_gold_rows),
             "gold_accuracy": {**_proportion(self.gold_correct, self.gold_rows),
                               "rows_without_label": self.gold_rows_without_label},
         }
@@ -479,6 +510,8 @@ def summarize_run(inputs: list[str], batch_size: int = BATCH_ROWS) -> dict:
     summary = {"inputs": inputs, "files": len(files), **accumulator.finalize()}
     sidecars = [read_sidecar(uri) for uri in inputs]
     summary["throughput"] = summarize_throughput(inputs, sidecars)
+    promises = [s.get("promise") for s in sidecars if s]
+    summary["verdict"] = run_verdict(summary, promises[0] if promises else None)
     summary["warnings"] = _run_warnings(summary)
     return summary
 
@@ -840,6 +873,9 @@ def report_sections(report: dict) -> list[Section]:
         f"Price: {_money(cost['price_per_gpu_hour'])} per GPU-hour of {cost['gpu']} "
         f"({report['price_source']})",
     ])]
+    verdict = run.get("verdict") or {}
+    if verdict.get("message"):
+        sections.append(Section("Promise and audit", paragraphs=[verdict.get("promise") or "", verdict["message"]]))
     sections.append(Section("Rows", table=(["figure", "value"], [
         ["rows", _n(run["rows"])],
         ["error rows", f"{_n(run['error_rows'])} ({_pct(run['error_share'])})"],
@@ -1021,6 +1057,94 @@ def terminal_summary(report: dict, out_dir: str | None = None) -> str:
     if out_dir:
         lines.append(f"report: {os.path.join(out_dir, 'report.md')}, report.html, summary.json")
     return "\n".join(lines)
+
+
+# --- The job's own end-of-run summary ----------------------------------------------------------
+
+def run_verdict(summary: dict, promise: dict | None) -> dict:
+    """What this run's audit says about the policy's promise, in words a manager can act on.
+
+    The audit is a seeded uniform sample run on to full depth. Its disagreements give a one-sided
+    95% upper bound (exact binomial) on the share of labels early exit changed in this corpus;
+    when that bound is above the promised epsilon, the run says so and how to fix it."""
+    audited = summary["audit_agreement"]["rows"]
+    disagreed = audited - summary["audit_agreement"]["successes"]
+    bound = summary.get("audit_disagreement_bound95")
+    out = {"audited_rows": audited, "disagreements": disagreed,
+           "observed": _ratio(disagreed, audited), "bound95": bound, "epsilon": None, "ok": None, "message": None}
+    if not promise:
+        return out
+    eps = promise["epsilon"]
+    out["epsilon"] = eps
+    skipped = promise.get("layers_skipped")
+    out["promise"] = (f"Early exit skips about {_pct(skipped)} of the model's layers, and with "
+                      f"{_pct(1 - promise['delta'], 0)} confidence it changes at most {_pct(eps)} of the labels "
+                      f"that the full model would give (calibrated on {_n(promise['calibration_size'])} rows).")
+    if not audited:
+        out["message"] = "no row was audited, so this run cannot check the promise (see --audit-rows)"
+    elif bound <= eps:
+        out["ok"] = True
+        out["message"] = (f"promise confirmed by the audit: {_n(disagreed)} of {_n(audited)} audited labels "
+                          f"changed, at most {_pct(bound)} at 95% confidence")
+    elif out["observed"] > eps:
+        out["ok"] = False
+        out["message"] = (f"WARNING: early exit changed {_n(disagreed)} of {_n(audited)} audited labels "
+                          f"({_pct(out['observed'])}, up to {_pct(bound)} at 95% confidence), more than the promised "
+                          f"{_pct(eps)}: the policy may not fit this corpus. Recalibrate on it with "
+                          "--calibrate N (e.g. 2000), or use --policy full")
+    else:
+        out["ok"] = False
+        out["message"] = (f"the audit cannot confirm the promise yet: {_n(disagreed)} of {_n(audited)} audited "
+                          f"rows changed, which allows up to {_pct(bound)} at 95% confidence (above {_pct(eps)}); "
+                          f"at least {_n(rows_to_confirm(eps))} audited rows are needed (--audit-rows), or "
+                          "recalibrate on this corpus with --calibrate N")
+    return out
+
+
+def job_summary(record: dict) -> str:
+    """The end-of-run summary `jobs/classify.py` prints, from its run record (`_run.json`)."""
+    s, verdict = record["summary"], record.get("verdict") or {}
+    lines = ["", "== adainfer-ray: done ==",
+             f"rows {_n(s['rows'])} ({_n(record['resumed_rows'])} from an earlier run), errors {_n(s['error_rows'])}, "
+             f"truncated {_n(s['truncated_rows'])}"]
+    if s["mean_exit_layer"] is not None:
+        lines.append(f"mean exit layer {_num(s['mean_exit_layer'], 1)}/{record['num_layers']}, layers skipped "
+                     f"{_pct(s['layers_skipped_share'])}; FLOPs saved by early exit {_pct(_exit_share(s))} "
+                     f"of a full-depth run with the same prefix reuse")
+    if s["calibration_rows"]:
+        outside = s["outside_sample"]
+        lines.append(f"calibration sample: {_n(s['calibration_rows'])} rows, labeled at full depth "
+                     f"(policy in {record['policy']}); the other {_n(outside['rows'])} rows skipped "
+                     f"{_pct(outside['layers_skipped_share'])} of layers")
+    if verdict.get("promise"):
+        lines.append("promise: " + verdict["promise"])
+    elif record.get("policy_features") != "none":
+        lines.append("policy: no calibrated promise recorded with it")
+    if verdict.get("audited_rows"):
+        lines.append(f"audit: {_proportion_text(s['audit_agreement'])} agree with full depth")
+    if verdict.get("message"):
+        lines.append(verdict["message"])
+    gold = s["outside_sample"]["gold_accuracy"] if s["calibration_rows"] else s["gold_accuracy"]
+    if gold["rows"]:
+        where = " outside the calibration sample" if s["calibration_rows"] else ""
+        line = f"accuracy on {_n(gold['rows'])} rows with gold labels{where}: {_pct(gold['share'])}"
+        if s["full_depth_gold_accuracy"]["rows"]:
+            line += (f" (full depth on the {_n(s['full_depth_gold_accuracy']['rows'])} audited ones: "
+                     f"{_pct(s['full_depth_gold_accuracy']['share'])})")
+        lines.append(line)
+    if record.get("rows_per_s") is not None:
+        lines.append(f"{_num(record['rows_per_s'], 1)} rows/s over {_num(record['wall_s'], 1)} s on "
+                     f"{record['device']} ({record.get('dtype')})")
+    lines.append(f"output: {record['output']} (Parquet files + {SIDECAR_NAME})")
+    return "\n".join(lines)
+
+
+def _exit_share(summary: dict) -> float | None:
+    """Early exit's own saving: against full depth with the same prefix handling (both shares are
+    of the no-reuse reference, so early exit's share of what prefix reuse left is their ratio)."""
+    if summary.get("exit_saved_share") is None:
+        return None
+    return _ratio(summary["exit_saved_share"], 1 - (summary.get("prefix_saved_share") or 0))
 
 
 # --- Everything --------------------------------------------------------------------------------

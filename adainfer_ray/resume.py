@@ -28,6 +28,7 @@ from adainfer_ray import io
 from adainfer_ray.schema import OUTPUT_SCHEMA, SIDECAR_NAME
 
 QUARANTINE = "_quarantine"
+POLICY_SUBDIR = "_policy"  # where classify --calibrate keeps its policy, inside --output
 IDENTITY_KEYS = ("model_hash", "policy_fingerprint", "task_fingerprint", "dtype")
 
 
@@ -140,11 +141,14 @@ def check_same_run(output: str, identity: dict, overwrite: bool, log=print) -> d
     previous = read_sidecar(output)
     has_rows = bool(io.output_files(output))
     if overwrite:
-        if previous is not None or has_rows:
-            fs, root = io.output_fs(output)
+        fs, root = io.output_fs(output)
+        policy = f"{root.rstrip('/')}/{POLICY_SUBDIR}"  # a policy an earlier --calibrate made here
+        if previous is not None or has_rows or fs.exists(policy):
             for path in io.output_files(output) + [f"{root.rstrip('/')}/{SIDECAR_NAME}"]:
                 if fs.exists(path):
                     fs.rm(path)
+            if fs.exists(policy):
+                fs.rm(policy, recursive=True)
             log(f"--overwrite: deleted the earlier output in {output}")
         return None
     if previous is None:

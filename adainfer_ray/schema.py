@@ -20,7 +20,8 @@ OUTPUT_SCHEMA = pa.schema([
     ("num_tokens", pa.int32()),       # prompt tokens of this item (prefix included)
     ("truncated", pa.bool_()),        # the text was cut to fit the model's context
     ("full_label", pa.string()),      # full-depth label for audited rows (--audit-fraction), else null
-    ("gold_label", pa.string()),      # the input's gold label when --label-column is given, else null
+    ("gold_label", pa.string()),      # the input's gold label (as a label name) with --label-column, else null
+    ("calibration", pa.bool_()),      # in the --calibrate sample: labeled at full depth, and it made the policy
     ("error", pa.string()),           # null when fine; what went wrong otherwise
 ])
 

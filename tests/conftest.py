@@ -25,16 +25,29 @@ if not os.environ.get("RAY_AUTH_TOKEN"):
     os.environ["RAY_AUTH_TOKEN_PATH"] = _TOKEN
     atexit.register(shutil.rmtree, os.path.dirname(_TOKEN), True)
 
+_ROPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+# Windows of 8 tokens are shorter than most test items (3-29 tokens, after a 10-13 token prefix), so
+# every windowed family is checked with keys falling out of the window, with and without a prefix.
 TINY_CONFIGS = {
-    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=256),
-    "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
-                    sliding_window=None),
-    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=256),
-    "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=6, head_dim=16,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=256),
+    "llama": dict(model_type="llama", **_ROPE),
+    "mistral": dict(model_type="mistral", **_ROPE, sliding_window=None),
+    "mistral-window": dict(model_type="mistral", **_ROPE, sliding_window=8),
+    "qwen2": dict(model_type="qwen2", **_ROPE),
+    "qwen3": dict(model_type="qwen3", **_ROPE, head_dim=16),
+    "gemma": dict(model_type="gemma", **_ROPE, head_dim=16),
+    "gemma2": dict(model_type="gemma2", **_ROPE, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                   attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                   initializer_range=0.1),  # larger weights and small caps, so that both caps bite
+    "gemma3": dict(model_type="gemma3_text", **_ROPE, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                   final_logit_softcapping=3.0, initializer_range=0.1,
+                   layer_types=["sliding_attention", "full_attention"] * 3),
+    "phi3": dict(model_type="phi3", **_ROPE, sliding_window=8, partial_rotary_factor=0.5,
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "granite": dict(model_type="granite", **_ROPE, embedding_multiplier=3.0, residual_multiplier=0.5,
+                    attention_multiplier=0.2, logits_scaling=4.0),
+    "olmo2": dict(model_type="olmo2", **_ROPE, pad_token_id=0, eos_token_id=2,
+                  initializer_range=0.1),  # at 0.02 its post-norm-only items all exit alike after a prefix
     "opt": dict(model_type="opt", hidden_size=64, ffn_dim=128, num_hidden_layers=6, num_attention_heads=4,
                 vocab_size=128, max_position_embeddings=256, word_embed_proj_dim=64),
     "opt-postnorm": dict(model_type="opt", hidden_size=64, ffn_dim=128, num_hidden_layers=6, num_attention_heads=4,

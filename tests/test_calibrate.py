@@ -1,16 +1,14 @@
 """Calibration: the binomial test, Learn-then-Test, simulated exits, and calibrate() end to end."""
 
-import importlib.util
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from adainfer_ray import calibrate as cal
+from adainfer_ray import stats
 from adainfer_ray.engine import EarlyExitEngine
 from adainfer_ray.flops import ModelDims, item_flops
 from adainfer_ray.policy import ExitPolicy, PolicyError
@@ -32,20 +30,20 @@ def test_binomial_pvalue_is_the_exact_lower_tail(n):
     for eps in (0.001, 0.01, 0.1, 0.5):
         for k in sorted({0, 1, n // 3, n - 1, n}):
             want = brute_cdf(k, n, eps)
-            assert cal.binomial_pvalue(k, n, eps) == pytest.approx(want, rel=1e-9, abs=1e-300)
-            assert cal._binom_cdf_logspace(k, n, eps) == pytest.approx(want, rel=1e-9, abs=1e-300)
+            assert stats.binomial_pvalue(k, n, eps) == pytest.approx(want, rel=1e-9, abs=1e-300)
+            assert stats._binom_cdf_logspace(k, n, eps) == pytest.approx(want, rel=1e-9, abs=1e-300)
 
 
 def test_binomial_pvalue_fallback_is_stable_for_large_n():
     # Terms like 0.99**5000 underflow naive products; the log-space sum must still be right.
-    assert cal._binom_cdf_logspace(30, 5000, 0.01) == pytest.approx(cal.binomial_pvalue(30, 5000, 0.01), rel=1e-9)
-    assert cal._binom_cdf_logspace(0, 100000, 0.01) == pytest.approx(0.99**100000, rel=1e-6)
+    assert stats._binom_cdf_logspace(30, 5000, 0.01) == pytest.approx(stats.binomial_pvalue(30, 5000, 0.01), rel=1e-9)
+    assert stats._binom_cdf_logspace(0, 100000, 0.01) == pytest.approx(0.99**100000, rel=1e-6)
 
 
 def test_ltt_accepts_the_last_threshold_before_the_first_failure():
     n, eps, delta = 2000, 0.01, 0.05
     # P(Binom(2000, 0.01) <= k) <= 0.05 holds for k <= 12 and fails from 13 on.
-    assert cal.binomial_pvalue(12, n, eps) <= delta < cal.binomial_pvalue(13, n, eps)
+    assert stats.binomial_pvalue(12, n, eps) <= delta < stats.binomial_pvalue(13, n, eps)
     losses = [0, 3, 8, 12, 13, 5, 2]  # the later, passing counts must not be accepted: testing stopped
     accepted, p = cal.learn_then_test(losses, n, eps, delta)
     assert accepted == 3
@@ -120,10 +118,9 @@ def tiny_trace():
     lm = build_tiny("llama")
     items = random_items(600, seed=3)
     prefix = random_items(1, seed=99, lo=12, hi=13)[0]
-    tracer = cal.Tracer.__new__(cal.Tracer)  # the tiny model has no tokenizer: build the engine directly
-    tracer.engine = EarlyExitEngine(lm, LABEL_IDS, prefix_ids=prefix)
-    tracer.prefix_tokens = len(prefix)
-    return lm, tracer.trace_ids(items), items, prefix
+    trace = EarlyExitEngine(lm, LABEL_IDS, prefix_ids=prefix).trace(items)  # what the job's trace actors run
+    trace["item_tokens"] = np.array([len(x) for x in items])
+    return lm, trace, items, prefix
 
 
 PROVENANCE = {"model_id": "tiny-llama", "model_hash": "llama", "task_fingerprint": "tpl-a", "task": "toy"}
@@ -213,88 +210,36 @@ def test_policy_refuses_another_model_or_template(tiny_trace):
         policy.check_compatible("llama", "tpl-a", 12)
 
 
-# -- the job ------------------------------------------------------------------------------------------
+def test_groups_stay_on_one_side_of_the_split():
+    groups = np.repeat(np.arange(50), np.random.default_rng(0).integers(1, 9, 50))  # dependent rows in groups
+    fit, test = cal.split_fit_test(len(groups), 0.5, seed=1, groups=groups)
+    assert not set(groups[fit]) & set(groups[test])
+    assert sorted(np.concatenate([fit, test]).tolist()) == list(range(len(groups)))
+    assert 0.3 < len(fit) / len(groups) < 0.7
+    fit2, _ = cal.split_fit_test(len(groups), 0.5, seed=2, groups=groups)
+    assert fit.tolist() != fit2.tolist()  # the seed draws the split
 
 
-def _job_module():
-    spec = importlib.util.spec_from_file_location("calibrate_job", os.path.join(ROOT, "jobs", "calibrate.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def test_calibration_with_groups_records_it(tiny_trace):
+    lm, trace, items, _ = tiny_trace
+    groups = np.arange(len(items)) // 3
+    result = run_calibrate(tiny_trace, groups=groups, epsilon=0.2)
+    assert result.summary["grouped"] and result.summary["fit_size"] % 3 == 0
 
 
-def test_gold_labels_map_to_indices():
-    from adainfer_ray.prompts import SENTIMENT, TOPIC
-
-    job = _job_module()
-    assert job.gold_indices(["0", "1", "1"], SENTIMENT).tolist() == [0, 1, 1]  # SST-2
-    assert job.gold_indices(["3", "4", "1", "2"], TOPIC).tolist() == [2, 3, 0, 1]  # AG News: 1-based
-    assert job.gold_indices(["Positive", "negative", "meh", ""], SENTIMENT).tolist() == [1, 0, -1, -1]
-
-
-def test_job_reads_sst2_and_headerless_csv(tmp_path):
-    from adainfer_ray.prompts import SENTIMENT, TOPIC
-
-    job = _job_module()
-    (tmp_path / "dev.tsv").write_text('sentence\tlabel\nit \'s "great" , really \t1\nawful \t0\n')
-    args = job.parse_args(["--input", str(tmp_path / "dev.tsv"), "--label-column", "label"])
-    texts, gold, _ = job.read_labeled_texts(args, SENTIMENT)
-    assert texts == ['it \'s "great" , really', "awful"] and gold.tolist() == [1, 0]
-    (tmp_path / "ag.csv").write_text('"3","Title one","Line\\\\break here"\n"4","T2","D2"\n')
-    args = job.parse_args(["--input", str(tmp_path / "ag.csv"), "--columns", "label,title,description",
-                           "--text-column", "title,description", "--label-column", "label", "--task", "topic"])
-    texts, gold, _ = job.read_labeled_texts(args, TOPIC)
-    assert texts[1] == "T2. D2" and "\\" not in texts[0] and gold.tolist() == [2, 3]
+def test_score_auto_lets_the_fit_part_choose_the_family(tiny_trace):
+    result = run_calibrate(tiny_trace, features="label", epsilon=0.2)
+    assert result.summary["score"] == "auto"
+    linear = run_calibrate(tiny_trace, features="label", epsilon=0.2, score="linear")
+    svm = run_calibrate(tiny_trace, features="label", epsilon=0.2, score="svm")
+    # both families were candidates: auto's rule is one of theirs
+    assert result.rules["label"].rule_ in (linear.rules["label"].rule_, svm.rules["label"].rule_)
 
 
-@pytest.mark.slow
-def test_calibrate_cli_end_to_end(tmp_path):
-    """The real default model through Ray Data on 60 embedded reviews: too few to keep a 1% promise,
-    so the job must say so and write a full-depth policy; with a loose promise it writes a real one."""
-    cmd = [sys.executable, os.path.join(ROOT, "jobs", "calibrate.py"), "--limit", "60", "--label-column", "label",
-           "--threads", "2", "--trace-cache", str(tmp_path / "trace.npz")]
-    run = subprocess.run(cmd + ["--out", str(tmp_path / "strict")], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "wrote a full-depth policy" in run.stdout
-    assert ExitPolicy.load(tmp_path / "strict").never_exits
-    assert (tmp_path / "strict" / "report" / "savings_vs_agreement.png").exists()
-    run = subprocess.run(cmd + ["--no-ray", "--epsilon", "0.3", "--delta", "0.2", "--out", str(tmp_path / "loose")],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "reusing the full-depth trace" in run.stdout
-    loose = ExitPolicy.load(tmp_path / "loose")
-    assert loose.metadata["calibration_size"] == 60 and loose.metadata["task"] == "sentiment"
-
-
-def test_trace_cache_runs_only_new_texts(tmp_path, monkeypatch):
-    job = _job_module()
-    calls = []
-
-    def fake_trace(args, task, texts):  # a stand-in for the model: row values derived from the text
-        calls.append(list(texts))
-        n, L = len(texts), 4
-        v = np.array([len(t) for t in texts], np.float32)
-        tr = {"hidden": np.repeat(v[:, None, None], L, 1).repeat(3, 2).astype(np.float16),
-              "final_label": v.astype(np.int32) % 2, "item_tokens": v.astype(np.int32),
-              "truncated": np.zeros(n, bool)}
-        for m in ("vocab", "label"):
-            tr.update({f"{m}_label": np.zeros((n, L), np.int32), f"{m}_top": np.repeat(v[:, None], L, 1),
-                       f"{m}_gap": np.zeros((n, L), np.float32)})
-        return tr, 7
-
-    monkeypatch.setattr(job, "trace_in_process", fake_trace)
-    args = job.parse_args(["--no-ray", "--trace-cache", str(tmp_path / "t.npz")])
-    job.load_or_trace(args, _task(), ["a", "bb", "ccc"], "h")
-    second, prefix = job.load_or_trace(args, _task(), ["ccc", "dddd", "a"], "h")
-    assert calls == [["a", "bb", "ccc"], ["dddd"]] and prefix == 7
-    assert second["item_tokens"].tolist() == [3, 4, 1] and second["hidden"].shape == (3, 4, 3)
-    third, _ = job.load_or_trace(args, _task(), ["dddd", "bb"], "h")
-    assert len(calls) == 2 and third["item_tokens"].tolist() == [4, 2]
-    job.load_or_trace(args, _task(), ["a"], "another-model")  # another model: traced again
-    assert calls[-1] == ["a"]
-
-
-def _task():
-    from adainfer_ray.prompts import SENTIMENT
-
-    return SENTIMENT
+def test_audit_upper_bound_is_exact_clopper_pearson():
+    # with k events in n, the bound b is where P(Binom(n, b) <= k) = 5%
+    for k, n in [(0, 300), (3, 300), (1, 40), (10, 1000)]:
+        b = stats.upper_bound(k, n)
+        assert stats.binomial_cdf(k, n, b) == pytest.approx(0.05, rel=1e-6)
+    assert stats.upper_bound(0, 300) < 0.01 < stats.upper_bound(0, 298)
+    assert stats.rows_to_confirm(0.01) == 299 and stats.upper_bound(0, 0) is None

@@ -35,11 +35,11 @@ def write_inputs(folder, n_files=4, rows=50):
     return n_files * rows
 
 
-def submit(ray_cluster, *job_args, env=None):
+def submit(ray_cluster, *job_args, env=None, job="jobs/classify.py"):
     """`ray job submit` with the exports of `cluster/local.sh env`, as the README says."""
     env = {**os.environ, **ray_cluster["env"], **(env or {})}
     for _ in range(30):  # a fresh head's job agent takes a few seconds to register
-        r = subprocess.run(["ray", "job", "submit", "--working-dir", ROOT, "--", "python", "jobs/classify.py",
+        r = subprocess.run(["ray", "job", "submit", "--working-dir", ROOT, "--", "python", job,
                             *map(str, job_args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         if "No available agent" not in r.stderr:
             return r
@@ -87,6 +87,29 @@ def test_two_actors_on_two_nodes_label_every_row_once(ray_cluster, tiny_model_di
     nodes = set(side["actor_nodes"])
     assert nodes == cluster_node_ids(ray_cluster), r.stdout[-4000:]  # both nodes ran a model actor
     assert side["runs"][-1]["actor_nodes"] == side["actor_nodes"] and side["rows"] == n
+
+
+def test_calibration_runs_on_both_nodes_too(ray_cluster, tiny_model_dir, tmp_path):
+    """classify --calibrate and jobs/calibrate.py: the trace actors spread over both nodes too, and
+    nothing they need (task, policy, demos) is read from a path on the driver's machine."""
+    n = write_inputs(tmp_path / "in", rows=100)
+    demos = tmp_path / "driver-only" / "demos.jsonl"
+    demos.parent.mkdir()
+    demos.write_text(json.dumps({"text": "great", "label": "positive"}) + "\n" +
+                     json.dumps({"text": "awful", "label": "negative"}) + "\n")
+    common = ["--input", tmp_path / "in", "--model", tiny_model_dir, "--actors", "2", "--batch-size", "10",
+              "--demos", demos, "--epsilon", "0.3", "--delta", "0.3"]
+    out = tmp_path / "out"
+    r = submit(ray_cluster, *common, "--calibrate", "120", "--output", out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    table = read_output(out)
+    assert table.num_rows == n and len(set(table.column("id").to_pylist())) == n
+    assert sum(table.column("calibration").to_pylist()) == 120
+    assert set(json.loads((out / SIDECAR_NAME).read_text())["actor_nodes"]) == cluster_node_ids(ray_cluster)
+    r = submit(ray_cluster, *common, "--sample", "120", "--output", tmp_path / "policy", job="jobs/calibrate.py")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    meta = json.loads((tmp_path / "policy" / "policy.json").read_text())["metadata"]
+    assert meta["calibration_size"] == 120 and set(meta["actor_nodes"]) == cluster_node_ids(ray_cluster)
 
 
 def test_the_default_model_runs_on_both_nodes(ray_cluster, tmp_path):

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from adainfer_ray.engine import EarlyExitEngine
-from adainfer_ray.pipeline import POLICY_DIR
-from adainfer_ray.policy import ExitPolicy
+from adainfer_ray.policy import SHIPPED_POLICIES, ExitPolicy
 from adainfer_ray.prompts import SENTIMENT, PromptEncoder
 
 POSITIVE = ["This is the best movie I have seen in years, I loved every minute.",
@@ -23,7 +22,7 @@ def test_default_model_labels_obvious_sentences(default_lm, policy_name):
     if policy_name == "full":
         policy = ExitPolicy.full_depth()
     else:
-        folder = POLICY_DIR / "smollm2-135m-sentiment"
+        folder = SHIPPED_POLICIES / "smollm2-135m-sentiment"
         if not (folder / "policy.json").exists():
             pytest.skip("the default policy has not been calibrated into the package yet")
         policy = ExitPolicy.load(folder)

@@ -30,7 +30,11 @@ def fitted_policy(lm, items, mode="label", quantile=0.5):
     from adainfer_ray.policy import exit_inputs
     L = lm.num_layers
     d = policy.decision_function(exit_inputs(top, gap, np.arange(1, L + 1), L))[:, : L - 1]
-    policy.threshold = float(np.quantile(d.max(1), quantile)) + 1e-9
+    # Halfway between two items' best scores: an item sitting exactly at the threshold would let
+    # float noise (a batch's matmul blocking, ~1e-7) flip its exit.
+    best = np.sort(d.max(1))
+    n = int(quantile * (len(best) - 1))
+    policy.threshold = float(best[n] + best[n + 1]) / 2
     return policy, tr
 
 

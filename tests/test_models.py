@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adainfer_ray.models import UnsupportedModelError, family_of, load_model
-from conftest import random_items
+from conftest import build_tiny, random_items
 
 
 def right_padded(items):
@@ -74,3 +74,54 @@ def test_default_model_layers_reproduce_its_forward(default_lm):
         ref = default_lm.model(torch.tensor([x])).logits[0, -1]
         assert torch.allclose(ours[b], ref, atol=1e-4)
     assert default_lm.num_layers == 30 and default_lm.model_hash
+
+
+NEW_FAMILIES = ["mistral-window", "gemma", "gemma2", "gemma3", "phi3", "granite", "olmo2"]
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_engine_results_do_not_depend_on_batching_or_prefix_reuse(family):
+    """The engine's own checks (batch sizes 1/8/all, shuffled order; prefix reuse on or off) for the
+    families added after those tests were written."""
+    from test_engine import test_prefix_reuse_gives_the_same_answers_and_costs_less as prefix_reuse
+    from test_engine import test_results_do_not_depend_on_batch_composition as batch_independence
+
+    batch_independence(family)
+    prefix_reuse(build_tiny(family))
+
+
+@pytest.mark.parametrize("family", ["mistral-window", "gemma2", "gemma3", "phi3"])
+@torch.no_grad()
+def test_sliding_window_is_enforced_not_avoided(family):
+    """Items longer than the window: dropping the band mask changes the answer (so the forward
+    tests above check it), and the context is not capped to the window."""
+    lm = build_tiny(family)
+    items = random_items(4, seed=1, lo=20, hi=30)
+    ids, lens = right_padded(items)
+    banded = lm.head(lm.run_all(ids, lens))
+    lm.windows = [None] * lm.num_layers
+    assert (lm.head(lm.run_all(ids, lens)) - banded).abs().max() > 1e-2
+    assert lm.max_context == lm.config.max_position_embeddings > lm.config.sliding_window
+
+
+@pytest.mark.parametrize("window,softcap,prefix", [(5, None, 0), (5, None, 7), (None, 0.5, 7), (5, 0.5, 0), (5, 0.5, 7)])
+def test_attention_masks_and_caps_like_the_textbook_formula(window, softcap, prefix):
+    from adainfer_ray.models import attention
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, T, d = 3, 4, 2, 11, 8
+    q, k, v = (torch.randn(B, h, T, d, generator=g) for h in (H, Hkv, Hkv))
+    pkv = tuple(torch.randn(1, Hkv, prefix, d, generator=g) for _ in range(2)) if prefix else None
+    out = attention(q, k, v, pkv, 0.3, window, softcap)
+    K = torch.cat([pkv[0].expand(B, -1, -1, -1), k], 2) if prefix else k
+    V = torch.cat([pkv[1].expand(B, -1, -1, -1), v], 2) if prefix else v
+    K, V = K.repeat_interleave(2, 1), V.repeat_interleave(2, 1)
+    s = q @ K.transpose(-1, -2) * 0.3
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    for t in range(T):
+        for j in range(prefix + T):
+            qpos = prefix + t
+            if j > qpos or (window and j <= qpos - window):
+                s[..., t, j] = float("-inf")
+    assert torch.allclose(out, torch.softmax(s, -1) @ V, atol=1e-5)

@@ -12,7 +12,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from adainfer_ray import io
 from adainfer_ray.pipeline import Classifier, JobConfig, audit_mask, run_classify
 from adainfer_ray.schema import OUTPUT_SCHEMA, SIDECAR_NAME
 from conftest import review_texts
@@ -38,7 +37,7 @@ def write_jsonl(path, rows):
 
 def test_classifier_turns_every_bad_row_into_one_error_row(tiny_model_dir, tiny_policy_dir):
     cfg = JobConfig(model=str(tiny_model_dir), policy=str(tiny_policy_dir), audit_fraction=0.5)
-    clf = Classifier(cfg, threads=2)
+    clf = Classifier.from_config(cfg, threads=2, audit_rate=cfg.audit_fraction)
     texts = ["a fine film", None, "", "   \n\t", "control \x00\x07 chars", "日本語のレビュー、とても良い",
              "x " * 500_000, "ok then"]
     batch = {"id": np.array([f"r{i}" for i in range(len(texts))], dtype=object),
@@ -95,7 +94,7 @@ def test_job_labels_every_row_once_with_the_output_schema(ray_connected, tiny_mo
     for key in ("model", "policy", "task", "template", "flags", "ray_version", "start_time", "end_time",
                 "rows", "rows_per_s", "errors"):
         assert key in side
-    assert side["errors"] == 2 and side["summary"]["gold_rows"] == 118
+    assert side["errors"] == 2 and side["summary"]["gold_accuracy"]["rows"] == 118
 
 
 def test_memory_uris_in_and_out(ray_connected, tiny_model_dir):

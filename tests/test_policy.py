@@ -1,6 +1,7 @@
 """The exit policy: SVM decisions computed without sklearn at run time, artifacts that are pure data."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,7 +39,7 @@ def test_save_load_roundtrip_is_pure_data(tmp_path):
     rng = np.random.default_rng(1)
     policy.probes_ = LinearProbes().fit(rng.normal(size=(40, 8, 6)), rng.integers(0, 3, 40), 3)
     policy.metadata = {"model_hash": "abc", "task_fingerprint": "t1", "epsilon": 0.01}
-    folder = policy.save(tmp_path / "p")
+    folder = Path(policy.save(tmp_path / "p"))
     assert sorted(p.name for p in folder.iterdir()) == ["arrays.safetensors", "policy.json"]
     json.loads((folder / "policy.json").read_text())  # plain JSON
     loaded = ExitPolicy.load(folder)

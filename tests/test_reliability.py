@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from adainfer_ray import io
-from adainfer_ray.pipeline import JobConfig, load_policy, run_classify
+from adainfer_ray.pipeline import JobConfig, run_classify
+from adainfer_ray.policy import resolve_policy
 from adainfer_ray.resume import ResumeError, done_ids, drop_done
 from adainfer_ray.schema import OUTPUT_SCHEMA, SIDECAR_NAME
 from conftest import review_texts
@@ -132,7 +133,7 @@ def test_every_bad_row_gets_exactly_one_output_row(ray_connected, tiny_model_dir
 def test_a_row_that_breaks_the_engine_becomes_one_error_row(tiny_model_dir):
     from adainfer_ray.pipeline import Classifier
 
-    clf = Classifier(JobConfig(model=str(tiny_model_dir), policy="full", audit_fraction=0.0), threads=1)
+    clf = Classifier.from_config(JobConfig(model=str(tiny_model_dir), policy="full"), threads=1)
     poison = clf.encoder.encode(["poison pill"]).item_ids[0]
     classify = clf.engine.classify
 
@@ -627,7 +628,7 @@ def test_policy_artifacts_load_without_unpickling_anything(tiny_policy_dir, monk
 
     for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
         monkeypatch.setattr(module, name, refuse)
-    policy = load_policy(str(tiny_policy_dir), "tiny", SENTIMENT)
+    policy = resolve_policy(str(tiny_policy_dir), "tiny", SENTIMENT.name)
     assert policy.metadata["task"] == "sentiment" and policy.decision_function(np.zeros((1, 3))).shape == (1,)
 
 

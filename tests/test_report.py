@@ -38,7 +38,8 @@ def make_rows(n, seed=0, id_prefix="doc", audit=0.3, gold=0.5):
         row = {"id": f"{id_prefix}-{i}", "num_layers": NUM_LAYERS,
                "num_tokens": rng.randint(20, 400) if rng.random() > 0.05 else None,
                "truncated": rng.random() < 0.1, "full_label": None,
-               "gold_label": rng.choice(LABELS) if rng.random() < gold else None, "error": None}
+               "gold_label": rng.choice(LABELS) if rng.random() < gold else None, "calibration": False,
+               "error": None}
         if rng.random() < 0.1:  # error row: no label, no exit layer, FLOPs sometimes set anyway
             flops = rng.uniform(1e9, 5e9) if rng.random() < 0.5 else None
             row.update(label=None, label_score=None, exit_layer=None, flops_used=flops,
@@ -440,6 +441,7 @@ def synthetic_chunk(start, n, rng):
         "truncated": pa.array(rng.random(n) < 0.05),
         "full_label": pc.if_else(pa.array(rng.random(n) < 0.05), labels, null_string),
         "gold_label": pc.if_else(pa.array(rng.random(n) < 0.5), labels, null_string),
+        "calibration": pa.array(np.zeros(n, bool)),
         "error": pc.if_else(pa.array(error), pa.scalar("timeout"), null_string),
     }
     return pa.table(columns, schema=OUTPUT_SCHEMA)
