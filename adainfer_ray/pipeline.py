@@ -704,12 +704,16 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
     plan = preflight(cfg, log)
     if not plan.has_id_column:
         log(f"no column {cfg.id_column!r} in the input: ids are derived as <file path under --input>:<row number>")
+    # Who writes this output: a rerun that would mix labels of two kinds is refused (resume.py), before
+    # Ray starts as far as the flags tell: the dtype waits for the cluster, a --calibrate policy for calibration.
+    identity = {"model_hash": plan.model_hash, "task_fingerprint": plan.task.fingerprint()}
+    if not cfg.calibrate:
+        identity["policy_fingerprint"] = resume.policy_fingerprint(plan.policy)
+    previous = resume.check_same_run(cfg.output, identity, cfg.overwrite, log)
     ray = init_ray()
     res = plan_resources(cfg, ray)
-    # Who writes this output: a rerun that would mix labels of two kinds is refused (resume.py).
-    identity = {"model_hash": plan.model_hash, "task_fingerprint": plan.task.fingerprint(),
-                "dtype": run_precision(res.device_kind, cfg.dtype)}
-    previous = resume.check_same_run(cfg.output, identity, cfg.overwrite, log)
+    identity["dtype"] = run_precision(res.device_kind, cfg.dtype)
+    resume.refuse_other_run(cfg.output, previous, identity)
     state = runstate.start(f"{started:%Y%m%dT%H%M%S}-{os.getpid()}")
     calibration, rows_seen = None, None
     if cfg.calibrate:

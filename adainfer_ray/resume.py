@@ -141,24 +141,29 @@ def check_same_run(output: str, identity: dict, overwrite: bool, log=print) -> d
     previous = read_sidecar(output)
     has_rows = bool(io.output_files(output))
     if overwrite:
-        if previous is not None or has_rows:
-            fs, root = io.output_fs(output)
+        fs, root = io.output_fs(output)
+        policy = f"{root.rstrip('/')}/{POLICY_SUBDIR}"  # a policy an earlier --calibrate made here
+        if previous is not None or has_rows or fs.exists(policy):
             for path in io.output_files(output) + [f"{root.rstrip('/')}/{SIDECAR_NAME}"]:
                 if fs.exists(path):
                     fs.rm(path)
-        policy = f"{root.rstrip('/')}/{POLICY_SUBDIR}"  # a policy an earlier --calibrate made here
-        if fs.exists(policy):
-            fs.rm(policy, recursive=True)
+            if fs.exists(policy):
+                fs.rm(policy, recursive=True)
             log(f"--overwrite: deleted the earlier output in {output}")
         return None
     if previous is None:
         return None
+    refuse_other_run(output, previous, identity)
+    return previous
+
+
+def refuse_other_run(output: str, previous: dict | None, identity: dict) -> None:
+    """Raise, naming both values, where `identity` (any of IDENTITY_KEYS) differs from `previous`."""
     diff = [f"{k} {previous.get(k)!r} there, {identity[k]!r} now" for k in IDENTITY_KEYS
-            if k in identity and k in previous and previous.get(k) != identity[k]]
+            if previous and k in previous and k in identity and previous.get(k) != identity[k]]
     if diff:
         raise ResumeError(f"--output {output} holds labels from another run ({'; '.join(diff)}): "
                           "pick another --output, or pass --overwrite to replace them")
-    return previous
 
 
 def start_record(output: str, previous: dict | None, identity: dict, run: dict) -> list[dict]:

@@ -147,9 +147,15 @@ ensure_token() {
     fi
 }
 
-# The pids of the processes of this cluster: every Ray process names its node's temp dir, which
-# lives inside $STATE and belongs to no other cluster.
-cluster_pids() { pgrep -f -- "$STATE/ray/" || true; }
+# The pids of the processes of this cluster: every Ray process but one names its node's temp dir,
+# which lives inside $STATE and belongs to no other cluster; the Ray Client server names the GCS
+# address instead, whose port is this cluster's alone on this machine.
+cluster_pids() {
+    pgrep -f -- "$STATE/ray/" || true
+    if [[ -f "$STATE/gcs_port" ]]; then
+        pgrep -f -- "ray\.util\.client\.server --address=[^ ]*:$(cat "$STATE/gcs_port") " || true
+    fi
+}
 
 # start_node K ARGS...: `ray start ARGS`, tried twice. Ray gives a raylet 30 s to register with the
 # GCS, which a loaded machine can miss; the failed node's processes are stopped before the retry.
@@ -174,6 +180,7 @@ cmd_start() {
     fi
     rm -rf "$STATE"
     mkdir -p "$STATE/ray"
+    echo "$port" > "$STATE/gcs_port"
     ensure_token
     # Token auth on explicitly: without a token file Ray would start the cluster open.
     export RAY_AUTH_MODE=token
@@ -208,7 +215,6 @@ cmd_start() {
             echo "export RAY_AUTH_TOKEN_PATH=$(realpath "$(token_path)")"
         fi
     } > "$STATE/env"
-    echo "$port" > "$STATE/gcs_port"
     cat <<DONE
 Local Ray cluster is up: $nodes node(s), GCS 127.0.0.1:$port, token authentication on.
 Submit jobs to it with:

@@ -1,7 +1,9 @@
 """Shared fixtures: tiny random decoder LMs of every supported family, built from a config (no downloads)."""
 
+import atexit
 import os
 import secrets
+import shutil
 import tempfile
 
 import numpy as np
@@ -21,6 +23,7 @@ if not os.environ.get("RAY_AUTH_TOKEN"):
     with open(os.open(_TOKEN, os.O_WRONLY | os.O_CREAT, 0o600), "w") as _f:
         _f.write(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes
     os.environ["RAY_AUTH_TOKEN_PATH"] = _TOKEN
+    atexit.register(shutil.rmtree, os.path.dirname(_TOKEN), True)
 
 _ROPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)

@@ -571,9 +571,12 @@ def test_a_rerun_with_another_policy_refuses_unless_overwrite(ray_connected, tin
         job(tiny_model_dir, tmp_path, tmp_path / "in.jsonl", policy=str(tiny_policy_dir))
     assert read_output(tmp_path / "out").num_rows == 20  # nothing was touched
 
-    cli = classify_cli.main(["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out"),
-                             "--model", str(tiny_model_dir), "--policy", str(tiny_policy_dir)])
-    assert cli == 2  # the same refusal, as one line from the command
+    # The same refusal from the command: one line, before Ray (RAY_ADDRESS leads nowhere).
+    r = subprocess.run([sys.executable, "jobs/classify.py", "--input", str(tmp_path / "in.jsonl"), "--output",
+                        str(tmp_path / "out"), "--model", str(tiny_model_dir), "--policy", str(tiny_policy_dir)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith("error: --output") and "pass --overwrite" in last, r.stderr[-2000:]
 
     run, logged = job(tiny_model_dir, tmp_path, tmp_path / "in.jsonl", policy=str(tiny_policy_dir), overwrite=True)
     assert any("--overwrite: deleted" in line for line in logged)
