@@ -52,7 +52,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from adainfer_ray.schema import OUTPUT_SCHEMA, SIDECAR_NAME
-from adainfer_ray.stats import rows_to_confirm, upper_bound
+from adainfer_ray.stats import lower_bound, rows_to_confirm, upper_bound
 
 # --- Prices ------------------------------------------------------------------------------------
 
@@ -1086,18 +1086,19 @@ def run_verdict(summary: dict, promise: dict | None) -> dict:
         out["ok"] = True
         out["message"] = (f"promise confirmed by the audit: {_n(disagreed)} of {_n(audited)} audited labels "
                           f"changed, at most {_pct(bound)} at 95% confidence")
-    elif out["observed"] > eps:
+    elif lower_bound(disagreed, audited) > eps:
         out["ok"] = False
         out["message"] = (f"WARNING: early exit changed {_n(disagreed)} of {_n(audited)} audited labels "
-                          f"({_pct(out['observed'])}, up to {_pct(bound)} at 95% confidence), more than the promised "
-                          f"{_pct(eps)}: the policy may not fit this corpus. Recalibrate on it with "
-                          "--calibrate N (e.g. 2000), or use --policy full")
+                          f"({_pct(out['observed'])}; at least {_pct(lower_bound(disagreed, audited))} at 95% "
+                          f"confidence), more than the promised {_pct(eps)}: this corpus differs from the "
+                          "calibration data. Recalibrate on it with --calibrate N (e.g. 2000), or use --policy full")
     else:
         out["ok"] = False
-        out["message"] = (f"the audit cannot confirm the promise yet: {_n(disagreed)} of {_n(audited)} audited "
-                          f"rows changed, which allows up to {_pct(bound)} at 95% confidence (above {_pct(eps)}); "
-                          f"at least {_n(rows_to_confirm(eps))} audited rows are needed (--audit-rows), or "
-                          "recalibrate on this corpus with --calibrate N")
+        out["message"] = (f"the audit cannot confirm the promise on this corpus: {_n(disagreed)} of {_n(audited)} "
+                          f"audited labels changed ({_pct(out['observed'])}), which allows up to {_pct(bound)} at 95% "
+                          f"confidence (above {_pct(eps)}). To be sure, recalibrate on this corpus with "
+                          f"--calibrate N, or audit more rows (--audit-rows; at least {_n(rows_to_confirm(eps))} "
+                          "even with no change)")
     return out
 
 

@@ -64,6 +64,15 @@ def upper_bound(k: int, n: int, confidence: float = 0.95) -> float | None:
         return hi
 
 
+def lower_bound(k: int, n: int, confidence: float = 0.95) -> float | None:
+    """One-sided exact lower confidence bound on a rate after k events in n trials (0 when k is 0)."""
+    if n <= 0:
+        return None
+    if k <= 0:
+        return 0.0
+    return 1.0 - upper_bound(n - k, n, confidence)  # the bound on the complement, mirrored
+
+
 def rows_to_confirm(epsilon: float, confidence: float = 0.95) -> int:
     """The fewest audited rows whose bound can fall below epsilon (when none disagrees)."""
     return math.ceil(math.log(1 - confidence) / math.log1p(-epsilon))

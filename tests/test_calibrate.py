@@ -243,3 +243,5 @@ def test_audit_upper_bound_is_exact_clopper_pearson():
         assert stats.binomial_cdf(k, n, b) == pytest.approx(0.05, rel=1e-6)
     assert stats.upper_bound(0, 300) < 0.01 < stats.upper_bound(0, 298)
     assert stats.rows_to_confirm(0.01) == 299 and stats.upper_bound(0, 0) is None
+    lo = stats.lower_bound(16, 600)  # P(Binom(n, lo) >= k) = 5%
+    assert 1 - stats.binomial_cdf(15, 600, lo) == pytest.approx(0.05, rel=1e-6) and stats.lower_bound(0, 10) == 0

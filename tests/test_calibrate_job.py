@@ -93,6 +93,8 @@ def test_the_audit_says_plainly_when_the_promise_is_broken():
     v = report.run_verdict(_summary(600, 16), PROMISE)  # 2.7% observed, as on a shifted corpus
     assert v["ok"] is False and v["message"].startswith("WARNING") and "--calibrate" in v["message"]
     assert v["observed"] == pytest.approx(16 / 600) and v["bound95"] > v["observed"]
+    v = report.run_verdict(_summary(872, 13), PROMISE)  # 1.5%: above 1%, but as likely sampling noise
+    assert v["ok"] is False and "cannot confirm" in v["message"] and "--calibrate" in v["message"]
 
 
 def test_a_small_audit_says_it_cannot_confirm_yet():
