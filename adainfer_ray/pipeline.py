@@ -514,11 +514,15 @@ BLOCK_BYTES = 4 << 20
 
 
 def read_dataset(cfg: JobConfig, plan: Plan, ray, done=None):
-    """The input as a Ray Dataset of io.INPUT_SCHEMA rows, less the ids in `done` (sorted id_keys)."""
+    """The input as a Ray Dataset of io.INPUT_SCHEMA rows, less the ids in `done` (sorted id_keys).
+    --limit counts the input's first rows before done ones are dropped, so that a resumed or
+    calibrated run labels the same rows as one that ran straight through."""
     ray.data.DataContext.get_current().target_max_block_size = BLOCK_BYTES
     done_ref = ray.put(done) if done is not None and len(done) else None
+    drop_while_reading = done_ref if cfg.limit is None else None  # cheapest: never ship a done row
     if plan.embedded_rows is not None:
-        tables = [resume.drop_done(t, done_ref) if done_ref is not None else t for t in plan.embedded_rows]
+        tables = [resume.drop_done(t, drop_while_reading) if drop_while_reading is not None else t
+                  for t in plan.embedded_rows]
         ds = ray.data.from_arrow(tables or [io.INPUT_SCHEMA.empty_table()])
     else:
         # One read task per file. Half a CPU each (reading is light) also keeps Ray Data from fusing
@@ -527,8 +531,12 @@ def read_dataset(cfg: JobConfig, plan: Plan, ray, done=None):
         items = [{"path": f, "root": r} for f, r in zip(plan.files, plan.roots)]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             _read_files, batch_size=1, batch_format="numpy", num_cpus=0.5,
-            fn_kwargs=dict(fmt=plan.format, cfg=cfg, has_id_column=plan.has_id_column, done=done_ref))
-    return ds.limit(cfg.limit) if cfg.limit is not None else ds
+            fn_kwargs=dict(fmt=plan.format, cfg=cfg, has_id_column=plan.has_id_column, done=drop_while_reading))
+    if cfg.limit is not None:
+        ds = ds.limit(cfg.limit)
+        if done_ref is not None:
+            ds = ds.map_batches(resume.drop_done, fn_args=(done_ref,), batch_format="pyarrow", num_cpus=0.5)
+    return ds
 
 
 def _map_classifier(ds, cfg: JobConfig, task, policy, res: Resources, **actor_kwargs):

@@ -217,3 +217,13 @@ def test_a_policy_used_at_another_precision_warns_on_the_driver():
     assert said == []
     _warn_on_precision(policy, "cuda", "auto", said.append)  # a GPU run computes in bf16
     assert len(said) == 1 and "calibrated at float32" in said[0] and "bfloat16" in said[0]
+
+
+def test_limit_counts_the_same_rows_with_calibrate(ray_connected, tiny_model_dir, tmp_path):
+    """--limit N with --calibrate M labels N rows in all: the sample comes out of the first N, not on top."""
+    pq.write_table(pa.table({"text": review_texts(100, seed=6)}), tmp_path / "in.parquet")
+    run = run_classify(JobConfig(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"),
+                                 model=str(tiny_model_dir), limit=60, calibrate=20, epsilon=0.3, delta=0.3),
+                       log=lambda *_: None)
+    ids = read_output(tmp_path / "out").column("id").to_pylist()
+    assert run["rows"] == 60 and sorted(ids) == sorted(f"in.parquet:{i}" for i in range(60))
