@@ -237,10 +237,15 @@ class EarlyExitEngine:
                 h_last = h_last.index_select(0, to_device(live, h_last.device))
             label, top, gap, score = self.features(k, h_last)
             label, score, top, gap = _host(label, score, top, gap)  # the step's one device -> host transfer
-            stop = np.flatnonzero(self.policy.exit_mask(layers_run, top, gap))
+            stop = np.flatnonzero(self._exits(layers_run, [batch[b] for b in live], top, gap))
             if len(stop):
                 self._record([batch[live[j]] for j in stop], layers_run, (label[stop], score[stop]))
         return [it for it in batch if not it.done or it.audit]
+
+    def _exits(self, layers_run: int, items: list[_Item], top: np.ndarray, gap: np.ndarray) -> np.ndarray:
+        """Which of `items` (host features top, gap [B]) stop now: the policy decides. The benchmark
+        replays recorded decisions here on random-weight models of real shapes."""
+        return self.policy.exit_mask(layers_run, top, gap)
 
     def _record(self, items: list[_Item], layers_run: int, answer: tuple[np.ndarray, np.ndarray],
                 final: bool = False):
