@@ -366,7 +366,7 @@ class HFForward:
     @torch.no_grad()
     def _prefix_cache(self):
         out = self.lm.model(input_ids=torch.tensor([self.prefix_ids], device=self.lm.device), use_cache=True)
-        return [(layer.keys, layer.values) for layer in out.past_key_values.layers]  # L x [1, Hkv, P, d]
+        return [(layer.keys, layer.values) for layer in out.cache.layers]  # L x [1, Hkv, P, d]
 
     def _batch(self, seqs: list[list[int]], before: int):
         """Left-padded ids [B, T], attention mask [B, before + T] (the first `before` columns: the
@@ -398,7 +398,7 @@ class HFForward:
                 B = len(batch)
                 cache = DynamicCache(ddp_cache_data=[(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
                                                      for k, v in self.prefix_kv], config=self.lm.config)
-                kw = {"use_cache": True, "past_key_values": cache}
+                kw = {"use_cache": True, "cache": cache}  # transformers 5: `cache` (was past_key_values)
             out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                 logits_to_keep=self.logits_to_keep, **kw)
             probs = torch.softmax(out.logits[:, -1, self.label_ids].float(), -1)
