@@ -22,10 +22,12 @@ RAY_INIT = {
 }
 
 
-def in_fresh_python(code: str) -> float:
-    """Runs `code` in a new interpreter; it prints the seconds it measured."""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+def in_fresh_python(code: str) -> float | str:
+    """Runs `code` in a new interpreter; it prints the seconds it measured (or its error's last line)."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    if out.returncode:
+        return "failed: " + (out.stderr.strip().splitlines() or ["?"])[-1][:300]
     return float(out.stdout.strip().splitlines()[-1])
 
 
