@@ -2,10 +2,11 @@
 
 Depth regrouping. In-flight items wait in per-depth queues: queue[k] holds items whose next layer
 is k. Each step runs the fullest queue (ties: the deepest, to finish items and free memory) on as
-many of its items as fit a token budget, shortest first to cut padding. After the layer, the
-exit policy reads each item's features; items that stop leave, the rest move to queue[k+1], and
-new items are admitted to queue[0] while fewer than `max_inflight` are in flight. So every layer
-runs on a batch of items that all need that layer, and no exited item is ever carried.
+many of its items as fit a token budget, shortest first to cut padding (`fit_count`, the one batch
+rule, which the benchmark's plain-transformers baselines use too). After the layer, the exit policy
+reads each item's features; items that stop leave, the rest move to queue[k+1], and new items are
+admitted to queue[0] while fewer than `max_inflight` are in flight. So every layer runs on a batch
+of items that all need that layer, and no exited item is ever carried.
 
 An item's result depends only on the item: each row of a batch is computed independently (right
 padding under a causal mask never lets a real token see a pad), which tests check by running the
@@ -13,6 +14,11 @@ same items with batch sizes 1, 8, N and in shuffled order.
 
 Shared prefix. With `reuse_prefix`, the few-shot prefix runs once per engine (per actor); its keys
 and values per layer are cached and every item runs only its own tokens, attending to them.
+
+Device traffic per layer step (what keeps small steps cheap, and a GPU busy): the batch's hidden
+states are gathered with one indexing op per source step (not one copy per item); index tensors go
+host -> device without waiting for the device; the exit decision comes back as one small [4, B]
+transfer, the only point where the host waits for the device.
 """
 
 from __future__ import annotations
@@ -21,18 +27,63 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from adainfer_ray.features import ExitFeatures, top2
 from adainfer_ray.flops import ModelDims, item_flops
 from adainfer_ray.policy import ExitPolicy
 
 
+def fit_count(lengths: list[int], budget: int, start: int = 0) -> int:
+    """How many items from `start` of `lengths` (sorted, shortest first) make one batch: the most
+    whose padded size (count x longest) stays within `budget` tokens, at least one."""
+    n = 1
+    while start + n < len(lengths) and (n + 1) * lengths[start + n] <= budget:
+        n += 1
+    return n
+
+
+def length_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices sorted by length, cut into batches by `fit_count`: the engine's rule, for baselines."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    srt = [lengths[i] for i in order]
+    batches, i = [], 0
+    while i < len(order):
+        n = fit_count(srt, budget, i)
+        batches.append(order[i: i + n])
+        i += n
+    return batches
+
+
+def default_batch_tokens(device: torch.device) -> int:
+    """Tokens per layer step: large enough that a step is matmul-bound on the device."""
+    return 16384 if device.type == "cuda" else 2048
+
+
+def to_device(values, device: torch.device, dtype=torch.long) -> torch.Tensor:
+    """A small host list as a device tensor, without making the host wait for the device (on CUDA a
+    plain copy from pageable memory synchronises the stream)."""
+    t = torch.as_tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+class _Step:
+    """The output of one layer step: hidden states [B, T, D] of right-padded rows."""
+    __slots__ = ("h",)
+
+    def __init__(self, h: torch.Tensor):
+        self.h = h
+
+
 @dataclass
 class _Item:
     index: int  # position in the caller's list
-    ids: torch.Tensor  # [T] the item's tokens (with the prefix prepended when it is not reused)
+    ids: list[int]  # the item's tokens (with the prefix prepended when it is not reused)
     audit: bool  # keep running to full depth after exiting, to record the full-depth answer
-    h: torch.Tensor | None = None  # [T, D] hidden state after the layers run so far
+    src: _Step | None = None  # where its hidden state [T, D] after the layers run so far lives
+    row: int = 0  # ... as row `row` of src.h
     done: bool = False  # its answer is recorded
 
 
@@ -50,10 +101,11 @@ class EarlyExitEngine:
         self.prefix_ids = list(prefix_ids or [])
         self.reuse_prefix = reuse_prefix and len(self.prefix_ids) > 0
         self.regroup = regroup
-        self.max_batch_tokens = max_batch_tokens or (16384 if lm.device.type == "cuda" else 2048)
+        self.max_batch_tokens = max_batch_tokens or default_batch_tokens(lm.device)
         self.max_inflight = max_inflight
         self.dims = ModelDims.from_config(lm.config)
         self.prefix_kv = self._prefix_cache() if self.reuse_prefix else None
+        self.stats = {"steps": 0, "tokens": 0, "padded_tokens": 0}
 
     # -- the model side ---------------------------------------------------------------------------
 
@@ -70,57 +122,57 @@ class EarlyExitEngine:
 
     @torch.no_grad()
     def _run_layer(self, k: int, items: list[_Item]) -> torch.Tensor:
-        """Run layer k on `items` (each at depth k); update their hidden states; return last-token states [B, D]."""
+        """Run layer k on `items` (each at depth k); point them at their new hidden states; return
+        the last-token states [B, D]."""
         lens = [len(it.ids) for it in items]
         B, T = len(items), max(lens)
         dev = self.lm.device
         offset = len(self.prefix_ids) if self.reuse_prefix else 0
         pos = (offset + torch.arange(T, device=dev))[None]  # [1, T]: the same for every row (broadcast)
-        if k == 0:
-            ids = torch.zeros(B, T, dtype=torch.long, device=dev)  # right padding; pads are never attended to
-            for b, it in enumerate(items):
-                ids[b, : lens[b]] = it.ids
-            h = self.lm.embed(ids, pos)
+        if k == 0:  # right padding; pads are never attended to
+            h = self.lm.embed(to_device([it.ids + [0] * (T - n) for it, n in zip(items, lens)], dev), pos)
         else:
             h = self._gather(items, T)
         h = self.lm.layer(k, h, pos, self.prefix_kv[k] if self.reuse_prefix else None)  # [B, T, D]
+        step = _Step(h)
         for b, it in enumerate(items):
-            it.h = h[b, : lens[b]]
-        return h[torch.arange(B, device=dev), torch.tensor(lens, device=dev) - 1]
+            it.src, it.row = step, b
+        self.stats["steps"] += 1
+        self.stats["tokens"] += sum(lens)
+        self.stats["padded_tokens"] += B * T
+        last = to_device([b * T + n - 1 for b, n in enumerate(lens)], dev)
+        return h.view(B * T, -1).index_select(0, last)
 
     @staticmethod
     def _gather(items: list[_Item], T: int) -> torch.Tensor:
-        """The items' hidden states as one right-padded [B, T, D] batch. When they all are rows of
-        the batch tensor the previous layer wrote (the usual case), that tensor is reused as is or
-        indexed once, instead of copying item by item into zeros (pads never reach a real token)."""
-        base = items[0].h._base
-        if base is not None and base.dim() == 3 and base.shape[1] >= T:
-            rows = []
-            for it in items:
-                off = it.h.storage_offset() - base.storage_offset()
-                if it.h._base is not base or off % base.stride(0):
-                    rows = None
-                    break
-                rows.append(off // base.stride(0))
-            if rows is not None:
-                if rows == list(range(base.shape[0])) and base.shape[1] == T:
-                    return base
-                return base[torch.tensor(rows, device=base.device), :T]
-        h = items[0].h.new_zeros(len(items), T, items[0].h.shape[-1])
-        for b, it in enumerate(items):
-            h[b, : len(it.h)] = it.h
-        return h
+        """The items' hidden states as one right-padded [B, T, D] batch, in the order of `items`
+        (which `_take` groups by source step): one index per source step, none per item."""
+        groups: list[tuple[_Step, list[int]]] = []
+        for it in items:
+            if not groups or groups[-1][0] is not it.src:
+                groups.append((it.src, []))
+            groups[-1][1].append(it.row)
+        parts = []
+        dev = items[0].src.h.device
+        for step, rows in groups:
+            h = step.h
+            if rows != list(range(h.shape[0])):
+                h = h.index_select(0, to_device(rows, dev))
+            h = h[:, :T] if h.shape[1] >= T else F.pad(h, (0, 0, 0, T - h.shape[1]))  # pads are never read
+            parts.append(h)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     # -- scheduling --------------------------------------------------------------------------------
 
     def _take(self, queue: list[_Item]) -> list[_Item]:
-        """The shortest items of `queue` that fit the token budget (padded B x T), at least one."""
+        """The shortest items of `queue` that fit the token budget (`fit_count`), grouped by the
+        step that computed them so that `_gather` indexes each source once."""
         queue.sort(key=lambda it: len(it.ids))
-        n = 1
-        while n < len(queue) and (n + 1) * len(queue[n].ids) <= self.max_batch_tokens:
-            n += 1
+        n = fit_count([len(it.ids) for it in queue], self.max_batch_tokens)
         batch = queue[:n]
         del queue[:n]
+        if batch[0].src is not None:
+            batch.sort(key=lambda it: (id(it.src), it.row))
         return batch
 
     @torch.no_grad()
@@ -135,8 +187,7 @@ class EarlyExitEngine:
                     "exit_layer": np.zeros(N, np.int32), "full_label": np.full(N, -1, np.int32)}
         audit = np.zeros(N, bool) if audit is None else np.asarray(audit, bool)
         prefix = [] if self.reuse_prefix else self.prefix_ids
-        items = [_Item(i, torch.tensor(prefix + list(ids), device=self.lm.device), bool(audit[i]))
-                 for i, ids in enumerate(item_ids)]
+        items = [_Item(i, prefix + list(ids), bool(audit[i])) for i, ids in enumerate(item_ids)]
         if N:
             (self._schedule_regrouped if self.regroup else self._schedule_fixed)(items)
         return self._with_flops(self.out, [len(x) for x in item_ids])
@@ -158,7 +209,7 @@ class EarlyExitEngine:
             inflight -= len(batch) - len(survivors)
             for it in batch:
                 if it.done and not (it.audit and k + 1 < self.L):
-                    it.h = None  # it left: free its activations
+                    it.src = None  # it left: its step's activations are freed with the last such item
 
     def _schedule_fixed(self, items: list[_Item]):
         """The usual early-exit batching, kept as a baseline: a batch runs until its last item exits,
@@ -169,6 +220,8 @@ class EarlyExitEngine:
             for k in range(self.L):
                 if not self._step(k, batch):
                     break
+            for it in batch:
+                it.src = None
 
     def _step(self, k: int, batch: list[_Item]) -> list[_Item]:
         """Run layer k, record the answers of items that stop, return the items that go on."""
@@ -176,19 +229,27 @@ class EarlyExitEngine:
         layers_run = k + 1
         if layers_run == self.L:  # the model's own answer
             label, score = self.features.answer(h_last)
-            self._record(batch, layers_run, label, score, final=True)
+            self._record(batch, layers_run, _host(label, score), final=True)
             return []
         live = [b for b, it in enumerate(batch) if not it.done]
         if live and self.policy.asks_at(layers_run):
-            label, top, gap, score = self.features(k, h_last[live])
-            stop = self.policy.exit_mask(layers_run, top.cpu().numpy(), gap.cpu().numpy())
-            if stop.any():
-                self._record([batch[live[j]] for j in np.flatnonzero(stop)], layers_run,
-                             label[torch.from_numpy(stop).to(label.device)], score[torch.from_numpy(stop).to(score.device)])
+            if len(live) < len(batch):  # audited items that already exited run on without features
+                h_last = h_last.index_select(0, to_device(live, h_last.device))
+            label, top, gap, score = self.features(k, h_last)
+            label, score, top, gap = _host(label, score, top, gap)  # the step's one device -> host transfer
+            stop = np.flatnonzero(self._exits(layers_run, [batch[b] for b in live], top, gap))
+            if len(stop):
+                self._record([batch[live[j]] for j in stop], layers_run, (label[stop], score[stop]))
         return [it for it in batch if not it.done or it.audit]
 
-    def _record(self, items: list[_Item], layers_run: int, label, score, final: bool = False):
-        label, score = label.cpu().numpy(), score.float().cpu().numpy()
+    def _exits(self, layers_run: int, items: list[_Item], top: np.ndarray, gap: np.ndarray) -> np.ndarray:
+        """Which of `items` (host features top, gap [B]) stop now: the policy decides. The benchmark
+        replays recorded decisions here on random-weight models of real shapes."""
+        return self.policy.exit_mask(layers_run, top, gap)
+
+    def _record(self, items: list[_Item], layers_run: int, answer: tuple[np.ndarray, np.ndarray],
+                final: bool = False):
+        label, score = answer
         for j, it in enumerate(items):
             if not it.done:
                 self.out["label"][it.index] = label[j]
@@ -214,15 +275,16 @@ class EarlyExitEngine:
     def trace(self, item_ids: list[list[int]]) -> dict[str, np.ndarray]:
         """Run every item to full depth and keep every layer's exit features, for calibration.
 
-        Returns hidden [n, L, D] (final-normed last-token states, computed in the model dtype, stored as float32), for mode in (vocab,
-        label): {mode}_label, {mode}_top, {mode}_gap [n, L]; and final_label [n]."""
+        Returns hidden [n, L, D] (final-normed last-token states, computed in the model's dtype and
+        stored as float32: exactly what the engine's probes read in production), for mode in
+        (vocab, label): {mode}_label, {mode}_top, {mode}_gap [n, L]; and final_label [n]."""
         n, L = len(item_ids), self.L
         rec = {"hidden": None, "final_label": np.zeros(n, np.int32)}
         for mode in ("vocab", "label"):
             rec.update({f"{mode}_label": np.zeros((n, L), np.int32), f"{mode}_top": np.zeros((n, L), np.float32),
                         f"{mode}_gap": np.zeros((n, L), np.float32)})
         prefix = [] if self.reuse_prefix else self.prefix_ids
-        queue = [_Item(i, torch.tensor(prefix + list(ids), device=self.lm.device), False) for i, ids in enumerate(item_ids)]
+        queue = [_Item(i, prefix + list(ids), False) for i, ids in enumerate(item_ids)]
         label_ids = self.features.label_ids
         while queue:
             batch = self._take(queue)
@@ -235,12 +297,17 @@ class EarlyExitEngine:
                 logits = self.lm.head(x).float()
                 _, top, gap = top2(torch.softmax(logits, -1))
                 lab, _, _ = top2(torch.softmax(logits[:, label_ids], -1))
-                rec["vocab_label"][idx, k], rec["vocab_top"][idx, k], rec["vocab_gap"][idx, k] = \
-                    lab.cpu().numpy(), top.cpu().numpy(), gap.cpu().numpy()
+                rec["vocab_label"][idx, k], rec["vocab_top"][idx, k], rec["vocab_gap"][idx, k] = _host(lab, top, gap)
                 lab, top, gap = top2(torch.softmax(self.lm.head_rows(x, label_ids).float(), -1))
-                rec["label_label"][idx, k], rec["label_top"][idx, k], rec["label_gap"][idx, k] = \
-                    lab.cpu().numpy(), top.cpu().numpy(), gap.cpu().numpy()
+                rec["label_label"][idx, k], rec["label_top"][idx, k], rec["label_gap"][idx, k] = _host(lab, top, gap)
             rec["final_label"][idx] = rec["label_label"][idx, L - 1]
             for it in batch:
-                it.h = None
+                it.src = None
         return rec
+
+
+def _host(*values: torch.Tensor) -> list[np.ndarray]:
+    """Several [B] device tensors as host arrays in one transfer (labels come back as exact
+    small integers through float32)."""
+    stacked = torch.stack([v.float() for v in values]).cpu().numpy()  # [len(values), B]
+    return [row.astype(np.int64) if not v.is_floating_point() else row for row, v in zip(stacked, values)]

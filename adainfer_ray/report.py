@@ -56,17 +56,56 @@ from adainfer_ray.stats import lower_bound, rows_to_confirm, upper_bound
 
 # --- Prices ------------------------------------------------------------------------------------
 
-# The default price, stated wherever it is used. About the per-GPU share of the on-demand hourly
-# price of the hyperscalers' 8 x A100-80GB instances in 2024 (AWS p4de.24xlarge about USD 41/h,
-# GCP a2-ultragpu-8g about USD 40/h; Azure ND96amsr A100 v4 about USD 33/h). Smaller clouds are
-# cheaper: pass your own price with --price-per-gpu-hour.
-DEFAULT_GPU = "NVIDIA A100 80GB"
-DEFAULT_PRICE_PER_GPU_HOUR = 5.00
+# Prices per device-hour, stated wherever they are used: approximate 2024 public-cloud on-demand
+# prices (the per-GPU share of the hyperscalers' 8-GPU instances). Check your provider's: pass
+# --price-per-hour NUMBER. A run is priced as the device it ran on (the run sidecar's device and
+# gpu_name); a CPU run has no default price (it is not priced as a GPU unless asked: pass a device
+# name or your machine's price).
 PRICE_CURRENCY = "USD"
-DEFAULT_PRICE_SOURCE = (
-    "approximate 2024 public-cloud on-demand price: the per-GPU share of an 8-GPU instance "
-    "such as AWS p4de.24xlarge"
-)
+DEVICE_PRICES = {
+    "A100": (5.00, "about the per-GPU share of an 8 x A100-80GB on-demand instance in 2024 (AWS p4de.24xlarge "
+                   "about USD 41/h, GCP a2-ultragpu-8g about USD 40/h)"),
+    "H100": (12.00, "about the per-GPU share of an 8 x H100-80GB on-demand instance in 2024 (AWS p5.48xlarge "
+                    "about USD 98/h)"),
+}
+DEFAULT_GPU = "A100"  # kept for callers; pricing follows the run's device
+DEFAULT_PRICE_PER_GPU_HOUR = DEVICE_PRICES[DEFAULT_GPU][0]
+DEFAULT_PRICE_SOURCE = DEVICE_PRICES[DEFAULT_GPU][1]
+
+
+def resolve_price(spec, throughput: dict, device_name: str | None = None) -> dict:
+    """The hourly price to use: `spec` is None (the run's own device from its sidecar), a number
+    (this price for the run's device) or a device name of DEVICE_PRICES (price the run as that
+    device, e.g. a CPU run as an A100). Returns price (None when there is none), device, source."""
+    run_device = device_name or throughput.get("gpu_name") or (
+        "CPU machine" if throughput.get("device") == "cpu" else throughput.get("device")) or "unknown device"
+    if spec is not None and not isinstance(spec, str):
+        return {"price": float(spec), "device": run_device, "source": "given on the command line"}
+    if isinstance(spec, str):
+        try:
+            return {"price": float(spec), "device": run_device, "source": "given on the command line"}
+        except ValueError:
+            pass
+        name = _price_key(spec)
+        if name is None:
+            raise ValueError(f"no price for device {spec!r}: pass a number, or one of {', '.join(DEVICE_PRICES)}")
+        return {"price": DEVICE_PRICES[name][0], "device": name, "source": DEVICE_PRICES[name][1] + ", asked for"}
+    if throughput.get("device") == "cuda":
+        name = _price_key(str(throughput.get("gpu_name") or ""))
+        if name is not None:
+            return {"price": DEVICE_PRICES[name][0], "device": run_device, "source": DEVICE_PRICES[name][1]}
+        return {"price": None, "device": run_device,
+                "source": f"no price known for {run_device}: pass --price-per-hour NUMBER"}
+    return {"price": None, "device": run_device,
+            "source": "a CPU run has no default price: pass --price-per-hour NUMBER (your machine's hourly "
+                      f"price) or a device name ({', '.join(DEVICE_PRICES)}) to price it as that device"}
+
+
+def _price_key(name: str) -> str | None:
+    """The DEVICE_PRICES key a device name such as 'NVIDIA A100-SXM4-80GB' belongs to."""
+    hits = [k for k in DEVICE_PRICES if k.lower() in name.lower()]
+    return hits[0] if len(hits) == 1 else None
+
 
 REPORT_VERSION = 1
 # Reading: column chunks are streamed through a small buffer (pre_buffer off) and handed over
@@ -437,16 +476,27 @@ def _flop_figures(sums: Counter) -> dict:
         "flops_full": float(flops_full),
         "flops_saved_share": None if not flops_full else 1.0 - sums["flops_used"] / flops_full,
         "exit_saved_share": _ratio(sums["exit_saved_flops"], flops_full),
+        # Early exit's own saving: against full depth with the same prefix handling as the run.
+        "exit_saved_share_same_prefix": _ratio(sums["exit_saved_flops"], flops_full - sums["prefix_saved_flops"]),
         "prefix_saved_share": _ratio(sums["prefix_saved_flops"], flops_full),
         "mean_compute_saved": _ratio(sums["compute_saved"], sums["flops_rows"]),
     }
 
 
 def _gpus_billed(sidecar: dict) -> float:
-    """GPUs a run is charged for. A CPU run is priced as one GPU at its measured throughput."""
+    """Devices a run is charged for: its GPUs, or one machine for a CPU run."""
     if sidecar.get("device") == "cuda":
         return float(sidecar.get("num_gpus") or 0) or 1.0
     return 1.0
+
+
+def _engine_device_seconds(sidecar: dict) -> float | None:
+    """Device-seconds the model itself ran: the sidecar's engine_s (seconds inside the engine,
+    summed over actors) x devices per actor; None when the sidecar does not record it."""
+    if sidecar.get("engine_s") is None:
+        return None
+    actors = sidecar.get("max_actors") or int(str(sidecar.get("num_actors") or 1).split(",")[-1])  # N or MIN,MAX
+    return float(sidecar["engine_s"]) * _gpus_billed(sidecar) / max(1, int(actors))
 
 
 def _one_or_mixed(values: list) -> object:
@@ -473,7 +523,7 @@ def summarize_throughput(inputs: list[str], sidecars: list[dict | None]) -> dict
         return {"available": False, "unavailable_reason": reason, "wall_s": None,
                 "sidecar_rows": None, "rows_per_s": None, "gpu_seconds": None,
                 "machine_hours": None, "device": None, "gpu_name": None, "num_gpus": None,
-                "policy": None, "model": None, "cost_basis": None}
+                "policy": None, "model": None, "cost_basis": None, "engine_device_seconds": None}
     # A resumed output holds several runs (sidecar `runs`, issue 12): each counts its own rows and
     # time; a run killed before its end (no wall_s) has no time to count, and neither do its rows.
     runs = [r for s in sidecars for r in (s.get("runs") or [{**s, "rows_this_run": s.get("rows_this_run", s.get("rows"))}])
@@ -488,13 +538,15 @@ def summarize_throughput(inputs: list[str], sidecars: list[dict | None]) -> dict
         "sidecar_rows": sidecar_rows,
         "rows_per_s": _ratio(sum(int(r.get("rows_this_run") or 0) for r in runs), wall_s),
         "gpu_seconds": sum(float(r["wall_s"]) * _gpus_billed(r) for r in runs),
+        "engine_device_seconds": None if any(_engine_device_seconds(s) is None for s in sidecars)
+        else sum(_engine_device_seconds(s) for s in sidecars),
         "machine_hours": wall_s / 3600,
         "device": _one_or_mixed([s.get("device") for s in sidecars]),
         "gpu_name": _one_or_mixed([s.get("gpu_name") for s in sidecars]),
         "num_gpus": _one_or_mixed([s.get("num_gpus") for s in sidecars]),
         "policy": _one_or_mixed([s.get("policy") for s in sidecars]),
         "model": _one_or_mixed([s.get("model") for s in sidecars]),
-        "cost_basis": "measured_gpu_time" if all_cuda else "cpu_time_priced_as_one_gpu",
+        "cost_basis": "measured_gpu_time" if all_cuda else "cpu_machine_time",
     }
 
 
@@ -540,75 +592,87 @@ def is_full_depth(summary: dict) -> bool:
     return summary["throughput"]["policy"] == "full"
 
 
-def estimate_cost(summary: dict, price_per_gpu_hour: float = DEFAULT_PRICE_PER_GPU_HOUR,
-                  gpu: str = DEFAULT_GPU, full_depth_run: dict | None = None) -> dict:
-    """GPU-hours and cost of the run as it was, of the same run at full depth, and the difference.
+def estimate_cost(summary: dict, price_per_gpu_hour=None, gpu: str | None = None,
+                  full_depth_run: dict | None = None) -> dict:
+    """Device-hours and cost of the run as it was, of the same run at full depth with the same
+    prefix handling (early exit's real saving), and the difference; prefix reuse's saving apart.
 
-    Full depth is measured when `full_depth_run` (the summary of a `--policy full` run over the
-    same corpus, with a sidecar) is given, and estimated from FLOPs otherwise. Every figure comes
-    with the assumption it rests on, in `assumptions`.
+    `price_per_gpu_hour`: None (the run's own device, see `resolve_price`), a number or a device
+    name. Full depth is measured when `full_depth_run` (the summary of a `--policy full` run over
+    the same corpus, with a sidecar) is given, and estimated from the model's compute time
+    otherwise. Every figure comes with the assumption it rests on, in `assumptions`.
     """
     throughput = summary["throughput"]
-    cost = {"price_per_gpu_hour": price_per_gpu_hour, "currency": PRICE_CURRENCY, "gpu": gpu,
-            "cost_basis": throughput["cost_basis"], "unavailable_reason": None,
+    cost = {"price_per_gpu_hour": None, "currency": PRICE_CURRENCY, "gpu": gpu,
+            "price_source": None, "cost_basis": throughput["cost_basis"], "unavailable_reason": None,
             "run_gpu_hours": None, "run_cost": None, "full_depth_source": None,
             "full_depth_gpu_hours": None, "full_depth_cost": None, "saved_gpu_hours": None,
             "saved_cost": None, "saved_share": None, "saved_cost_by_exit": None,
-            "saved_cost_by_prefix": None, "assumptions": []}
+            "saved_cost_by_prefix": None, "saved_gpu_hours_by_prefix": None, "assumptions": []}
     if not throughput["available"]:
         cost["unavailable_reason"] = throughput["unavailable_reason"]
         return cost
-
-    run_gpu_hours = throughput["gpu_seconds"] / 3600
-    cost["run_gpu_hours"] = run_gpu_hours
-    cost["run_cost"] = run_gpu_hours * price_per_gpu_hour
-    assumptions = [f"Price: {PRICE_CURRENCY} {price_per_gpu_hour:.2f} per GPU-hour of {gpu}."]
+    price = resolve_price(price_per_gpu_hour, throughput, gpu)
+    cost.update(price_per_gpu_hour=price["price"], gpu=price["device"], price_source=price["source"])
+    assumptions = [f"Price: {PRICE_CURRENCY} {price['price']:.2f} per hour of {price['device']} ({price['source']})."
+                   if price["price"] is not None else f"No price: {price['source']}; hours only."]
     if throughput["cost_basis"] == "measured_gpu_time":
         assumptions.append("Run GPU-hours = wall time x GPUs the job held (from the run sidecar), "
                            "start-up and I/O included.")
     else:
-        assumptions.append(f"The run used no GPU: its wall time is priced as one {gpu} delivering "
-                           "the measured CPU throughput. A GPU would be faster, so read the cost "
-                           "figures as an upper bound and the saved share as the robust figure.")
-
-    full_gpu_hours, cost["full_depth_source"], note = _full_depth_gpu_hours(summary, full_depth_run)
-    if full_gpu_hours is None:
+        assumptions.append("Run hours = wall time of the CPU machine (from the run sidecar), start-up and I/O "
+                           "included.")
+    run_hours = throughput["gpu_seconds"] / 3600
+    full_hours, cost["full_depth_source"], note = _full_depth_gpu_hours(summary, full_depth_run)
+    cost["run_gpu_hours"] = run_hours
+    if full_hours is None:
         cost["unavailable_reason"] = note
     else:
         assumptions.append(note)
-        cost["full_depth_gpu_hours"] = full_gpu_hours
-        cost["full_depth_cost"] = full_gpu_hours * price_per_gpu_hour
-        cost["saved_gpu_hours"] = full_gpu_hours - run_gpu_hours
-        cost["saved_cost"] = cost["full_depth_cost"] - cost["run_cost"]
-        cost["saved_share"] = _ratio(cost["saved_gpu_hours"], full_gpu_hours)
-    if cost["full_depth_source"] == "flops_ratio":
-        # Under the FLOPs model the saving splits exactly like the FLOPs do.
-        cost["saved_cost_by_exit"] = cost["full_depth_cost"] * summary["exit_saved_share"]
-        cost["saved_cost_by_prefix"] = cost["full_depth_cost"] * summary["prefix_saved_share"]
+        cost["full_depth_gpu_hours"] = full_hours
+        cost["saved_gpu_hours"] = full_hours - run_hours
+        cost["saved_share"] = _ratio(cost["saved_gpu_hours"], full_hours)
+    if cost["full_depth_source"] == "compute_time_x_flops":
+        # Prefix reuse's own saving, on the same compute-time basis: not part of early exit's.
+        cost["saved_gpu_hours_by_prefix"] = (throughput["engine_device_seconds"] / 3600
+                                             * summary["prefix_saved_share"] * summary["flops_full"]
+                                             / summary["flops_used"])
+    if price["price"] is not None:
+        p = price["price"]
+        money = {"run_gpu_hours": "run_cost", "full_depth_gpu_hours": "full_depth_cost",
+                 "saved_gpu_hours": "saved_cost", "saved_gpu_hours_by_prefix": "saved_cost_by_prefix"}
+        for hours, key in money.items():
+            cost[key] = None if cost[hours] is None else cost[hours] * p
+        cost["saved_cost_by_exit"] = cost["saved_cost"]  # full depth has the run's own prefix handling
     cost["assumptions"] = assumptions
     return cost
 
 
 def _full_depth_gpu_hours(summary: dict,
                           full_depth_run: dict | None) -> tuple[float | None, str | None, str]:
-    """GPU-hours of the same run at full depth, where the figure comes from, and the assumption
-    it rests on (or, when it is None, why it is missing)."""
+    """Device-hours of the same run at full depth with the same prefix handling, where the figure
+    comes from, and the assumption it rests on (or, when it is None, why it is missing)."""
     if full_depth_run is not None and full_depth_run["throughput"]["available"] \
             and full_depth_run["rows"] and summary["rows"]:
         gpu_seconds_per_row = full_depth_run["throughput"]["gpu_seconds"] / full_depth_run["rows"]
         return (summary["rows"] * gpu_seconds_per_row / 3600, "measured_full_depth_run",
-                "Full depth is measured: the --policy full run's GPU-seconds per row "
+                "Full depth is measured: the --policy full run's device-seconds per row "
                 f"({gpu_seconds_per_row:.4g}) times this run's {summary['rows']} rows; this "
-                "assumes both runs saw the same kind of text on comparable hardware.")
+                "assumes both runs saw the same kind of text on comparable hardware with the same prefix handling.")
     if not summary["flops_used"]:
         return None, None, "no rows with FLOP figures: full depth cannot be estimated"
-    run_gpu_hours = summary["throughput"]["gpu_seconds"] / 3600
-    return (run_gpu_hours * summary["flops_full"] / summary["flops_used"], "flops_ratio",
-            "Full depth is estimated: run GPU-hours x sum(flops_full) / sum(flops_used), i.e. "
-            "time proportional to FLOPs. Full depth means every layer and no prefix reuse (the "
-            "schema's flops_full). Fixed costs (start-up, tokenisation, I/O) do not shrink with "
-            "early exit, so the real saving is smaller than this estimate; a --policy full run "
-            "passed with --compare measures it instead.")
+    engine = summary["throughput"].get("engine_device_seconds")
+    if engine is None:
+        return None, None, ("the run sidecar records no model compute time (engine_s), and whole wall time "
+                            "(start-up, I/O) does not scale with depth: pass --compare with a --policy full run "
+                            "to measure full depth")
+    ratio = (summary["flops_full"] * (1 - summary["prefix_saved_share"])) / summary["flops_used"]
+    extra = engine * (ratio - 1)
+    return ((summary["throughput"]["gpu_seconds"] + extra) / 3600, "compute_time_x_flops",
+            f"Full depth is estimated: the run's hours plus its model compute time ({engine:,.1f} device-s, the "
+            f"sidecar's engine_s) x (FLOPs at full depth with the same prefix handling / FLOPs used - 1) = "
+            f"+{extra:,.1f} s; start-up and I/O are taken as unchanged. A --policy full run passed with "
+            "--compare measures it instead.")
 
 
 # --- 4. Two runs side by side ------------------------------------------------------------------
@@ -852,14 +916,18 @@ class Section:
 
 def headline(report: dict) -> str:
     run, cost = report["run"], report["cost"]
-    text = (f"{_n(run['rows'])} rows; early exit and prefix reuse saved "
-            f"{_pct(run['flops_saved_share'])} of full-depth FLOPs "
-            f"({_pct(run['exit_saved_share'])} by early exit, "
-            f"{_pct(run['prefix_saved_share'])} by prefix reuse)")
-    if cost["saved_cost"] is not None:
-        text += (f"; estimated cost {_money(cost['run_cost'])} instead of "
-                 f"{_money(cost['full_depth_cost'])} at full depth, "
-                 f"{_money(cost['saved_cost'])} saved")
+    text = (f"{_n(run['rows'])} rows; early exit saved {_pct(run['exit_saved_share_same_prefix'])} of the FLOPs "
+            f"of full depth with the same prefix handling (mean exit layer {_num(run['mean_exit_layer'])} of "
+            f"{_n(run['num_layers'])}); prefix reuse, on its own line, saved {_pct(run['prefix_saved_share'])} "
+            "of the no-reuse FLOPs")
+    if cost["saved_gpu_hours"] is not None:
+        how = "measured" if cost["full_depth_source"] == "measured_full_depth_run" else "estimated"
+        if cost["saved_cost"] is not None:
+            text += (f"; cost {_money(cost['run_cost'])} instead of {_money(cost['full_depth_cost'])} at full "
+                     f"depth ({how}), {_money(cost['saved_cost'])} ({_pct(cost['saved_share'])}) saved")
+        else:
+            text += (f"; {_num(cost['run_gpu_hours'], 3)} device-hours instead of "
+                     f"{_num(cost['full_depth_gpu_hours'], 3)} at full depth ({how}), {_pct(cost['saved_share'])} saved")
     return text + "."
 
 
@@ -870,8 +938,8 @@ def report_sections(report: dict) -> list[Section]:
         f"Inputs: {', '.join(run['inputs'])} ({run['files']} Parquet files)",
         f"Model: {throughput['model'] or 'n/a'}; policy: {throughput['policy'] or 'n/a'}; "
         f"device: {throughput['device'] or 'n/a'}; GPUs: {_n(throughput['num_gpus'])}",
-        f"Price: {_money(cost['price_per_gpu_hour'])} per GPU-hour of {cost['gpu']} "
-        f"({report['price_source']})",
+        f"Price: {_money(cost['price_per_gpu_hour'])} per hour of {cost['gpu']} "
+        f"({cost['price_source'] or report['price_source']})",
     ])]
     verdict = run.get("verdict") or {}
     if verdict.get("message"):
@@ -890,13 +958,15 @@ def report_sections(report: dict) -> list[Section]:
     sections.append(Section("Compute saved", table=(["figure", "value"], [
         ["mean exit layer", f"{_num(run['mean_exit_layer'])} of {_n(run['num_layers'])}"],
         ["share of layers skipped (pruning ratio)", _pct(run["layers_skipped_share"])],
-        ["share of FLOPs saved, total", _pct(run["flops_saved_share"])],
-        ["... by early exit", _pct(run["exit_saved_share"])],
-        ["... by prefix reuse", _pct(run["prefix_saved_share"])],
+        ["early exit: share of FLOPs saved vs full depth with the same prefix handling",
+         _pct(run["exit_saved_share_same_prefix"])],
+        ["prefix reuse: share of the no-reuse FLOPs saved", _pct(run["prefix_saved_share"])],
+        ["both, vs full depth without prefix reuse", _pct(run["flops_saved_share"])],
         ["mean per-row compute saved (unweighted)", _pct(run["mean_compute_saved"])],
         ["FLOPs used / full depth", f"{run['flops_used']:.4g} / {run['flops_full']:.4g}"],
-    ]), paragraphs=["FLOP shares are weighted by each row's full-depth FLOPs (no layer skipped, "
-                    "no prefix reuse); the pruning ratio is the mean over rows."]))
+    ]), paragraphs=["FLOP shares are weighted by each row's FLOPs; early exit is measured against full "
+                    "depth with the run's own prefix handling (its real saving), prefix reuse against no reuse; "
+                    "the pruning ratio is the mean over rows."]))
     sections.append(_cost_section(cost))
     sections.append(Section("Quality", bullets=[
         f"Agreement with the full model on audited rows: {_proportion_text(run['audit_agreement'])}",
@@ -935,15 +1005,15 @@ def _cost_section(cost: dict) -> Section:
         if cost["unavailable_reason"] else []
     rows = [
         ["run as it was", _num(cost["run_gpu_hours"], 3), _money(cost["run_cost"])],
-        [f"same run at full depth ({cost['full_depth_source'] or 'n/a'})",
+        [f"same run at full depth, same prefix handling ({cost['full_depth_source'] or 'n/a'})",
          _num(cost["full_depth_gpu_hours"], 3), _money(cost["full_depth_cost"])],
-        [f"saved ({_pct(cost['saved_share'])})", _num(cost["saved_gpu_hours"], 3),
+        [f"saved by early exit ({_pct(cost['saved_share'])})", _num(cost["saved_gpu_hours"], 3),
          _money(cost["saved_cost"])],
     ]
-    if cost["saved_cost_by_exit"] is not None:
-        rows.append(["... by early exit", "", _money(cost["saved_cost_by_exit"])])
-        rows.append(["... by prefix reuse", "", _money(cost["saved_cost_by_prefix"])])
-    return Section("Cost", table=(["", "GPU-hours", "cost"], rows),
+    if cost["saved_gpu_hours_by_prefix"] is not None:
+        rows.append(["saved by prefix reuse (separately, vs no reuse)", _num(cost["saved_gpu_hours_by_prefix"], 3),
+                     _money(cost["saved_cost_by_prefix"])])
+    return Section("Cost", table=(["", "device-hours", "cost"], rows),
                    paragraphs=missing + ["Assumptions:"], bullets=list(cost["assumptions"]))
 
 
@@ -984,7 +1054,7 @@ def _markdown_cell(text: str) -> str:
 
 
 def render_markdown(report: dict) -> str:
-    lines = [f"# Early-exit cost report", "", f"Generated {report['generated_at']}.", ""]
+    lines = ["# Early-exit cost report", "", f"Generated {report['generated_at']}.", ""]
     for section in report_sections(report):
         lines += [f"## {section.title}", ""]
         for paragraph in section.paragraphs:
@@ -1042,13 +1112,16 @@ def terminal_summary(report: dict, out_dir: str | None = None) -> str:
              f"{_n(run['num_layers'])}; layers skipped {_pct(run['layers_skipped_share'])}; "
              f"rows/s {_num(run['throughput']['rows_per_s'])}",
              f"audit agreement: {_proportion_text(run['audit_agreement'])}"]
-    if cost["run_cost"] is None:
+    if cost["run_gpu_hours"] is None:
         lines.append(f"cost: n/a ({cost['unavailable_reason']})")
+    elif cost["run_cost"] is None:
+        lines.append(f"cost: no price ({cost['price_source']}); run {_num(cost['run_gpu_hours'], 4)} device-hours, "
+                     f"full depth {_num(cost['full_depth_gpu_hours'], 4)} "
+                     f"({cost['full_depth_source'] or cost['unavailable_reason']})")
     else:
-        basis = "" if cost["cost_basis"] == "measured_gpu_time" else ", CPU run priced as one GPU"
-        lines.append(f"cost at {_money(cost['price_per_gpu_hour'])}/GPU-hour ({cost['gpu']}{basis}): run "
-                     f"{_money(cost['run_cost'])}, full depth {_money(cost['full_depth_cost'])} "
-                     f"({cost['full_depth_source'] or cost['unavailable_reason']}), "
+        lines.append(f"cost at {_money(cost['price_per_gpu_hour'])}/hour of {cost['gpu']}: run "
+                     f"{_money(cost['run_cost'])}, full depth with the same prefix handling "
+                     f"{_money(cost['full_depth_cost'])} ({cost['full_depth_source'] or cost['unavailable_reason']}), "
                      f"saved {_money(cost['saved_cost'])}")
     if report.get("compare"):
         joined = report["compare"]["joined"]
@@ -1150,8 +1223,8 @@ def _exit_share(summary: dict) -> float | None:
 
 # --- Everything --------------------------------------------------------------------------------
 
-def build_report(inputs: list[str], price_per_gpu_hour: float = DEFAULT_PRICE_PER_GPU_HOUR,
-                 gpu: str = DEFAULT_GPU, compare: list[str] | None = None,
+def build_report(inputs: list[str], price_per_gpu_hour=None,
+                 gpu: str | None = None, compare: list[str] | None = None,
                  rows_per_bucket: int = ROWS_PER_BUCKET) -> dict:
     """All figures, as written to summary.json (without the plot file names)."""
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
@@ -1159,9 +1232,7 @@ def build_report(inputs: list[str], price_per_gpu_hour: float = DEFAULT_PRICE_PE
     run = summarize_run(inputs)
     other = summarize_run(compare) if compare else None
     full_depth_run = other if other is not None and is_full_depth(other) else None
-    price_source = (DEFAULT_PRICE_SOURCE
-                    if (price_per_gpu_hour, gpu) == (DEFAULT_PRICE_PER_GPU_HOUR, DEFAULT_GPU)
-                    else "given on the command line")
+    price_source = "the run's own device" if price_per_gpu_hour is None else "given on the command line"
     report = {
         "report_version": REPORT_VERSION,
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -1180,7 +1251,7 @@ def build_report(inputs: list[str], price_per_gpu_hour: float = DEFAULT_PRICE_PE
 
 
 def write_report(inputs: list[str], out_dir: str,
-                 price_per_gpu_hour: float = DEFAULT_PRICE_PER_GPU_HOUR, gpu: str = DEFAULT_GPU,
+                 price_per_gpu_hour=None, gpu: str | None = None,
                  compare: list[str] | None = None, rows_per_bucket: int = ROWS_PER_BUCKET) -> dict:
     """Write report.md, report.html, the PNGs and summary.json into out_dir (a local folder)."""
     report = build_report(inputs, price_per_gpu_hour, gpu, compare, rows_per_bucket)

@@ -1,11 +1,13 @@
 """Measure every speedup in one run: `python jobs/benchmark.py` (from the repository root).
 
 Times, on the same token ids and in one process, in alternating order after a warm-up:
-(a) plain transformers forward on padded batches (a': with logits_to_keep=1), (b) our engine at
-full depth (b': with shared-prefix reuse), (c) early exit with fixed batches, (d) early exit with
-depth regrouping, (e) (d) plus shared-prefix reuse; and a large matmul for the machine's rate.
+(r) the reference, transformers with the shared prefix cached (past_key_values) and
+logits_to_keep=1; as context (a) plain transformers forward (a': logits_to_keep=1); (b) our engine
+at full depth (b': with shared-prefix reuse), (c) early exit with fixed batches, (d) early exit
+with depth regrouping, (e) (d) plus shared-prefix reuse; and a large matmul for the machine's rate.
 Writes benchmark.json and benchmark.md into --out. Argument parsing only; the work is in
-`adainfer_ray.benchmark`. On CUDA it uses the GPU (bf16) and says so.
+`adainfer_ray.benchmark`. On CUDA it uses the GPU (bf16) and says so. `--shape NAME` runs the same
+settings on a random-weight model of a real shape with exit depths replayed from a real run.
 """
 
 import argparse
@@ -54,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: %(default)s = the cores this process may use)")
+                        help="torch CPU threads (default: %(default)s = the cores this process may use: what "
+                             "jobs/classify.py gives its one CPU actor per node)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="timed rounds per setting, in alternating order; items/s is the median "
                              "(--quick: 1)")
@@ -73,8 +76,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "fp32 on CPU, 8192 bf16 on CUDA)")
     parser.add_argument("--settings", nargs="+", default=list(bench.SETTINGS), choices=bench.SETTINGS,
                         metavar="SETTING",
-                        help="settings to time (hf_forward and the full-depth counterparts of early-exit "
-                             f"settings are always added); choices: {' '.join(bench.SETTINGS)}")
+                        help="settings to time (the reference hf_prefix_cached and the full-depth counterparts "
+                             f"of early-exit settings are always added); choices: {' '.join(bench.SETTINGS)}")
+    parser.add_argument("--shape", default=None, choices=sorted(bench.SHAPES),
+                        help="instead of --model/--data/--policy: a random-weight model of this real shape (bf16 "
+                             "on CUDA), item lengths and exit depths replayed from --replay")
+    parser.add_argument("--replay", default=None,
+                        help="with --shape: a benchmark.json whose exit_plan to replay (default: %(default)s = "
+                             "docs/benchmark/benchmark.json, the README's CPU run)")
     parser.add_argument("--out", default="benchmark_out/", help="folder for benchmark.json and benchmark.md")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test for CI: {bench.QUICK_ITEMS} items unless --limit, 1 round, 1 warm-up item "
@@ -91,7 +100,8 @@ def main(argv=None) -> None:
         rounds=args.rounds, warmup=args.warmup, max_batch_tokens=args.max_batch_tokens,
         hf_batch_tokens=args.hf_batch_tokens, max_inflight=args.max_inflight, matmul_size=args.matmul_size,
         settings=tuple(args.settings), fit_data=args.fit_data, fit_limit=args.fit_limit,
-        fit_agreement=args.fit_agreement, out=args.out, quick=args.quick, command=command.strip())
+        fit_agreement=args.fit_agreement, out=args.out, shape=args.shape, replay=args.replay, quick=args.quick,
+        command=command.strip())
     try:
         result = bench.run_benchmark(cfg)
     except (bench.PolicyError, FileNotFoundError, ValueError) as e:

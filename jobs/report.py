@@ -32,12 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder(s) or URI(s) of jobs/classify.py (local, s3://, gs://, memory://); "
              "several are read as parts of one run")
     parser.add_argument("--out", default="report/", help="local folder to write the report into")
+    prices = "; ".join(f"{name}: {report.PRICE_CURRENCY} {p:.2f}/h, {src}" for name, (p, src) in
+                       report.DEVICE_PRICES.items())
     parser.add_argument(
-        "--price-per-gpu-hour", type=float, default=report.DEFAULT_PRICE_PER_GPU_HOUR,
-        help=f"price of one GPU-hour in {report.PRICE_CURRENCY}; the default is for one "
-             f"{report.DEFAULT_GPU}, {report.DEFAULT_PRICE_SOURCE}")
-    parser.add_argument("--gpu", default=report.DEFAULT_GPU,
-                        help="name of the GPU the price is for, printed in the report")
+        "--price-per-hour", "--price-per-gpu-hour", dest="price", default=None,
+        help=f"hourly price of the device the run used, in {report.PRICE_CURRENCY} (a number), or a device "
+             f"name to price the run as that device (default: %(default)s = the run's own device from its "
+             f"sidecar; a CPU run then has no price). Known devices: {prices}")
+    parser.add_argument("--gpu", default=None,
+                        help="name of the device the price is for, printed in the report (default: %(default)s = "
+                             "the run's own)")
     parser.add_argument(
         "--compare", nargs="+", default=None,
         help="a second run's folder(s) to compare against: label agreement by id, accuracy "
@@ -50,9 +54,9 @@ def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        result = report.write_report(args.input, args.out, price_per_gpu_hour=args.price_per_gpu_hour,
+        result = report.write_report(args.input, args.out, price_per_gpu_hour=args.price,
                                      gpu=args.gpu, compare=args.compare)
-    except FileNotFoundError as error:  # an --input or --compare without output: a usage error
+    except (FileNotFoundError, ValueError) as error:  # a missing --input, an unknown device: usage errors
         parser.error(str(error))
     print(report.terminal_summary(result, args.out))
 

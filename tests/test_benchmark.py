@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from adainfer_ray.benchmark import QUICK_ITEMS, REQUIRED_SETTINGS
+from adainfer_ray.benchmark import QUICK_ITEMS, SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
-REQUIRED_KEYS = ("items_per_s", "speedup_vs_hf", "mean_exit_layer", "ideal_speedup", "realized_fraction",
+REQUIRED_KEYS = ("items_per_s", "speedup_vs_ref", "speedup_vs_ref_paired", "mean_exit_layer", "ideal_speedup", "realized_fraction",
                  "accuracy", "agreement", "peak_mem_mb", "achieved_flops_per_s")
 SENTENCES = [
     ("a warm , funny and moving film", 1), ("the plot is a dull , plodding mess", 0),
@@ -75,7 +75,8 @@ def test_quick_benchmark_writes_sane_numbers(tmp_path, tiny_model_dir, tiny_tsv)
     assert result["machine"]["device"] == "cpu" and result["machine"]["threads"] == 1
     assert result["data"]["items"] == min(QUICK_ITEMS, len(SENTENCES))
     settings = result["settings"]
-    for name in REQUIRED_SETTINGS + ("engine_full_prefix", "hf_forward_last"):
+    assert set(settings) == set(SETTINGS)
+    for name in SETTINGS:
         r = settings[name]
         for key in REQUIRED_KEYS:
             assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), (name, key, r[key])
@@ -84,16 +85,44 @@ def test_quick_benchmark_writes_sane_numbers(tmp_path, tiny_model_dir, tiny_tsv)
         assert 1 <= r["mean_exit_layer"] <= result["model"]["layers"]
         assert r["peak_mem_mb"] >= 0
         assert f"`{name}`" in md  # every setting has a row in the table
-    # The engine at full depth computes the model's own answer on the same token ids.
+    # The engine at full depth computes the model's own answer on the same token ids, and so do the
+    # plain-transformers settings, with the prefix cached or not.
+    assert settings["hf_prefix_cached"]["agreement"] == 1.0 and settings["hf_forward"]["agreement"] == 1.0
     assert settings["engine_full"]["agreement"] == 1.0
     assert settings["engine_full_prefix"]["agreement"] == 1.0
     assert settings["hf_forward_last"]["agreement"] == 1.0
     # Fixed batches and regrouping exit at the same layers with the same answers; only the schedule differs.
     assert settings["exit_fixed_batches"]["mean_exit_layer"] == settings["exit_regrouped"]["mean_exit_layer"]
     assert settings["exit_fixed_batches"]["agreement"] == settings["exit_regrouped"]["agreement"]
-    for target in ("regrouped_realizes_90pct_of_ideal", "prefix_exit_5x_hf", "engine_full_not_slower_than_hf"):
+    for target in ("engine_full_prefix_1.25x_ref", "exit_prefix_1.8x_ref", "exit_prefix_realizes_95pct_of_ideal"):
         assert target in result["targets"]
+    # Early exit's own contribution is measured against full depth with the same prefix handling.
+    assert settings["exit_regrouped_prefix"]["counterpart"] == "engine_full_prefix"
+    plan = result["exit_plan"]
+    assert plan["exit_layer"] == [int(x) for x in plan["exit_layer"]] and len(plan["item_tokens"]) == len(plan["exit_layer"])
     assert "Machine:" in md and "Command:" in md and (out / "standin-policy" / "policy.json").exists()
+
+
+def test_shape_run_replays_exit_depths_on_a_random_model(tmp_path, tiny_model_dir, tiny_tsv):
+    """The GPU check's code path (`--shape`), on CPU with a tiny shape: random weights, the exit
+    depths of a real run replayed at the same share of the layers."""
+    out, _ = run_quick(tmp_path, tiny_model_dir, tiny_tsv)
+    replay = json.loads((out / "benchmark.json").read_text())["exit_plan"]
+    shape_out = tmp_path / "shape"
+    cmd = [sys.executable, str(ROOT / "jobs" / "benchmark.py"), "--shape", "tiny", "--device", "cpu",
+           "--replay", str(out / "benchmark.json"), "--rounds", "1", "--warmup", "1", "--threads", "1",
+           "--settings", "exit_regrouped_prefix", "--out", str(shape_out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((shape_out / "benchmark.json").read_text())
+    assert set(result["settings"]) == {"hf_prefix_cached", "engine_full_prefix", "exit_regrouped_prefix"}
+    assert result["model"]["shape"] == "tiny" and result["data"]["items"] == len(replay["item_tokens"])
+    e = result["settings"]["exit_regrouped_prefix"]
+    L_real, L = replay["num_layers"], result["model"]["layers"]
+    expect = [min(L, max(round(replay["min_layer"] * L / L_real), round(x * L / L_real), 1)) for x in replay["exit_layer"]]
+    assert e["mean_exit_layer"] == pytest.approx(sum(expect) / len(expect))
+    assert result["settings"]["engine_full_prefix"]["agreement"] == 1.0  # same model, same answers as (r)
 
 
 def test_default_policy_missing_fails_clearly_or_loads(tmp_path, tiny_model_dir, tiny_tsv):

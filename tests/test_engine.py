@@ -174,3 +174,33 @@ def test_prefix_reuse_gives_the_same_answers_and_costs_less(tiny_llama):
     np.testing.assert_allclose(a["label_score"], b["label_score"], atol=1e-4)
     assert (a["flops_used"] < b["flops_used"]).all()
     assert (a["flops_full"] == b["flops_full"]).all()  # the reference is the same whole-prompt cost
+
+
+def test_length_batches_is_the_engines_step_rule():
+    """One batch rule for the engine's layer steps and the benchmark's baselines: shortest first,
+    padded size (count x longest) within the budget, at least one item per batch."""
+    from adainfer_ray.engine import length_batches
+
+    lengths = [5, 40, 3, 12, 12, 7, 100, 9]
+    batches = length_batches(lengths, 36)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(lengths)
+    for b in batches:
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 36
+    assert [len(b) for b in batches] == [4, 2, 1, 1]  # 3,5,7,9 | 12,12 | 40 | 100 (alone, over budget)
+    lm = build_tiny("llama")
+    items = [random_items(1, seed=20 + n, lo=n, hi=n + 1)[0] for n in lengths]
+    calls = count_layer_rows(lm)
+    EarlyExitEngine(lm, LABEL_IDS, max_batch_tokens=36, regroup=False).classify(items)
+    assert [b for layer, b in calls if layer == 0] == [len(b) for b in batches]
+
+
+def test_trace_keeps_float32_hidden_states_the_probes_read(tiny_llama):
+    tr = EarlyExitEngine(tiny_llama, LABEL_IDS).trace(random_items(5, seed=21))
+    assert tr["hidden"].dtype == np.float32
+    x = random_items(5, seed=21)[0]
+    with torch.no_grad():
+        hs = tiny_llama.model(torch.tensor([x]), output_hidden_states=True).hidden_states
+        expect = tiny_llama.final_norm(hs[1][0, -1]).numpy()
+    np.testing.assert_allclose(tr["hidden"][0, 0], expect, atol=1e-5)

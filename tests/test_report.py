@@ -87,10 +87,10 @@ def write_run(uri, rows, files=3, row_group_size=17, sidecar=None, junk=True):
     return uri
 
 
-def sidecar_for(rows, wall_s=1800.0, device="cuda", num_gpus=2, policy="adainfer"):
+def sidecar_for(rows, wall_s=1800.0, device="cuda", num_gpus=2, policy="adainfer", engine_s=None):
     return {"model": "test-model", "policy": policy, "device": device,
-            "gpu_name": "NVIDIA H100" if device == "cuda" else None, "num_gpus": num_gpus,
-            "num_actors": 2, "wall_s": wall_s, "rows": len(rows),
+            "gpu_name": "NVIDIA H100 80GB HBM3" if device == "cuda" else None, "num_gpus": num_gpus,
+            "num_actors": 2, "wall_s": wall_s, "engine_s": engine_s, "rows": len(rows),
             "errors": sum(r["error"] is not None for r in rows), "rows_per_s": len(rows) / wall_s}
 
 
@@ -227,34 +227,53 @@ def test_small_batches_and_row_groups_give_the_same_figures(tmp_path, rows):
     assert one["flops_saved_share"] == pytest.approx(many["flops_saved_share"], rel=1e-12)
 
 
-def test_gpu_run_cost_follows_flops_model(tmp_path, rows):
-    run = write_run(str(tmp_path / "run"), rows, sidecar=sidecar_for(rows, wall_s=1800, num_gpus=2))
+def test_gpu_run_full_depth_is_estimated_from_model_compute_time(tmp_path, rows):
+    # 2 actors, 2 GPUs: 1800 s of wall, of which each actor spent 1200 s in the engine.
+    run = write_run(str(tmp_path / "run"), rows, sidecar=sidecar_for(rows, wall_s=1800, num_gpus=2, engine_s=2400))
     result = report.build_report([run], price_per_gpu_hour=3.0, gpu="Test GPU")
     cost, expected = result["cost"], expected_figures(rows)
     assert cost["cost_basis"] == "measured_gpu_time"
     assert cost["run_gpu_hours"] == pytest.approx(1.0)  # 1800 s x 2 GPUs
     assert cost["run_cost"] == pytest.approx(3.0)
-    full_hours = 1.0 * expected["flops_full"] / expected["flops_used"]
-    assert cost["full_depth_source"] == "flops_ratio"
+    # Full depth with the run's own prefix handling: only model time grows, by the FLOP ratio.
+    same_prefix = expected["flops_full"] * (1 - expected["prefix_saved_share"])
+    extra_s = 2400 * (same_prefix / expected["flops_used"] - 1)  # 1200 s x 2 actors x 1 GPU each
+    full_hours = 1.0 + extra_s / 3600
+    assert cost["full_depth_source"] == "compute_time_x_flops"
     assert cost["full_depth_gpu_hours"] == pytest.approx(full_hours)
     assert cost["full_depth_cost"] == pytest.approx(3.0 * full_hours)
-    assert cost["saved_cost"] == pytest.approx(3.0 * (full_hours - 1.0))
-    assert cost["saved_share"] == pytest.approx(expected["flops_saved_share"])
-    assert cost["saved_cost_by_exit"] + cost["saved_cost_by_prefix"] == pytest.approx(cost["saved_cost"])
-    assert cost["saved_cost_by_exit"] == pytest.approx(
-        3.0 * full_hours * expected["exit_saved_share"])
-    assert any("proportional to FLOPs" in a for a in cost["assumptions"])
-    assert any("Test GPU" in a for a in cost["assumptions"])
+    assert cost["saved_cost"] == pytest.approx(3.0 * (full_hours - 1.0)) == cost["saved_cost_by_exit"]
+    assert cost["saved_share"] < 1 - expected["flops_used"] / same_prefix  # start-up does not shrink
+    assert cost["saved_cost_by_prefix"] > 0
+    assert any("engine_s" in a for a in cost["assumptions"]) and any("Test GPU" in a for a in cost["assumptions"])
+    run_figures = result["run"]
+    assert run_figures["exit_saved_share_same_prefix"] == pytest.approx(1 - expected["flops_used"] / same_prefix)
+    assert "same prefix handling" in report.headline(result)
 
 
-def test_cpu_run_is_priced_as_one_gpu_and_says_so(tmp_path, rows):
-    run = write_run(str(tmp_path / "run"), rows,
-                    sidecar=sidecar_for(rows, wall_s=7200, device="cpu", num_gpus=0))
-    cost = report.build_report([run], price_per_gpu_hour=2.0)["cost"]
-    assert cost["cost_basis"] == "cpu_time_priced_as_one_gpu"
-    assert cost["run_gpu_hours"] == pytest.approx(2.0)
-    assert cost["run_cost"] == pytest.approx(4.0)
-    assert any("used no GPU" in a for a in cost["assumptions"])
+def test_without_model_compute_time_full_depth_is_not_guessed_from_wall_time(tmp_path, rows):
+    run = write_run(str(tmp_path / "run"), rows, sidecar=sidecar_for(rows))
+    cost = report.build_report([run])["cost"]
+    assert cost["run_gpu_hours"] == pytest.approx(1.0) and cost["full_depth_gpu_hours"] is None
+    assert "engine_s" in cost["unavailable_reason"] and "--policy full" in cost["unavailable_reason"]
+
+
+def test_pricing_follows_the_runs_device(tmp_path, rows):
+    gpu_run = write_run(str(tmp_path / "gpu"), rows, sidecar=sidecar_for(rows, engine_s=100.0))
+    cost = report.build_report([gpu_run])["cost"]  # the sidecar says H100
+    assert cost["price_per_gpu_hour"] == report.DEVICE_PRICES["H100"][0] and "H100" in cost["gpu"]
+    cpu_run = write_run(str(tmp_path / "cpu"), rows, sidecar=sidecar_for(rows, wall_s=7200, device="cpu",
+                                                                          num_gpus=0, engine_s=3600.0))
+    cost = report.build_report([cpu_run])["cost"]
+    assert cost["cost_basis"] == "cpu_machine_time" and cost["run_gpu_hours"] == pytest.approx(2.0)
+    assert cost["run_cost"] is None and cost["price_per_gpu_hour"] is None  # no GPU price for a CPU run
+    assert cost["full_depth_gpu_hours"] > 2.0 and "CPU run has no default price" in cost["price_source"]
+    as_a100 = report.build_report([cpu_run], price_per_gpu_hour="A100")["cost"]  # asked for
+    assert as_a100["run_cost"] == pytest.approx(2.0 * report.DEVICE_PRICES["A100"][0])
+    own = report.build_report([cpu_run], price_per_gpu_hour="0.25")["cost"]
+    assert own["run_cost"] == pytest.approx(0.5) and own["gpu"] == "CPU machine"
+    with pytest.raises(ValueError, match="no price for device"):
+        report.build_report([cpu_run], price_per_gpu_hour="TPU9")
 
 
 def test_missing_sidecar_gives_null_cost_with_reason(tmp_path, rows):
@@ -362,7 +381,8 @@ def test_compare_mode_joins_by_id(tmp_path):
     cost = result["cost"]
     assert cost["full_depth_source"] == "measured_full_depth_run"
     assert cost["full_depth_gpu_hours"] == pytest.approx(300 * (1500 / len(full)) / 3600)
-    assert cost["saved_cost_by_exit"] is None
+    # A --policy full run has the same prefix handling: its whole saving is early exit's.
+    assert cost["saved_cost_by_exit"] == pytest.approx(cost["saved_cost"]) and cost["saved_cost_by_prefix"] is None
     # One bucket (all in memory) gives the same answer as many spilled buckets.
     one_bucket = report.build_report([early_dir], compare=[full_dir])["compare"]["joined"]
     assert one_bucket["join_buckets"] == 1
@@ -377,10 +397,10 @@ def test_cli_writes_every_file_and_prints_a_summary(tmp_path, rows):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     completed = subprocess.run(
         [sys.executable, "jobs/report.py", "--input", run, "--out", str(out),
-         "--price-per-gpu-hour", "2.5", "--compare", full],
+         "--price-per-hour", "2.5", "--compare", full],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
-    assert "FLOPs" in completed.stdout and "USD 2.50/GPU-hour" in completed.stdout
+    assert "FLOPs" in completed.stdout and "USD 2.50/hour" in completed.stdout
     assert "compare: label agreement" in completed.stdout
     for name in ["report.md", "report.html", "summary.json", *report.PLOT_FILES.values()]:
         assert (out / name).stat().st_size > 0, name
@@ -390,7 +410,7 @@ def test_cli_writes_every_file_and_prints_a_summary(tmp_path, rows):
     assert page.count("data:image/png;base64,") == 3
     assert "src='http" not in page and 'src="http' not in page  # self-contained
     markdown = (out / "report.md").read_text()
-    assert "USD 2.50 per GPU-hour" in markdown and "## Compare" in markdown
+    assert "USD 2.50 per hour" in markdown and "## Compare" in markdown
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cost"]["price_per_gpu_hour"] == 2.5
     assert summary["compare"]["joined"]["label_agreement"]["share"] == 1.0  # same rows
@@ -401,8 +421,8 @@ def test_cli_help_states_the_default_price():
                                capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0
     help_text = " ".join(completed.stdout.split())
-    assert f"(default: {report.DEFAULT_PRICE_PER_GPU_HOUR})" in help_text
-    assert "A100" in help_text and "(default: report/)" in help_text
+    assert "the run's own device" in help_text and "CPU run then has no price" in help_text
+    assert "A100" in help_text and "H100" in help_text and "(default: report/)" in help_text
 
 
 # --- Memory bound --------------------------------------------------------------------------------
