@@ -244,7 +244,9 @@ class Classifier:
         that one poisonous row becomes one error row."""
         audit = audit_mask(ids, self.audit_rate, self.cfg.seed)
         try:
+            started = time.perf_counter()
             out = self.engine.classify(encoded.item_ids, audit)
+            runstate.add_engine_time(self.run_state, time.perf_counter() - started)
             parts = [(np.arange(len(where)), out)]
         except Exception:  # noqa: BLE001 - isolate the culprit below
             parts = []
@@ -752,7 +754,7 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
     if not io.output_files(cfg.output):  # no rows at all: still leave a table that every reader can open
         io.write_parquet(cfg.output, "empty.parquet", OUTPUT_SCHEMA.empty_table())
     wall = time.perf_counter() - t0
-    actor_nodes = ray.get(state.actor_nodes.remote())
+    actor_nodes, engine_s = ray.get([state.actor_nodes.remote(), state.engine_seconds.remote()])
     ray.kill(state)
     summary = report.summarize_run([cfg.output])
     if summary["rows"] == 0:
@@ -764,7 +766,8 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
     resumed = len(done) - (len(fresh_sample) if fresh_sample is not None else 0)  # this run wrote the sample
     this_run = {**runs[-1], "end_time": datetime.now(timezone.utc).isoformat(), "wall_s": wall,
                 "rows_this_run": summary["rows"] - resumed, "gpu_name": _gpu_name() if res.gpus_per_actor else None,
-                "num_gpus": res.gpus_per_actor * res.max_actors, "num_actors": cfg.actors, "actor_nodes": actor_nodes}
+                "num_gpus": res.gpus_per_actor * res.max_actors, "num_actors": cfg.actors, "max_actors": res.max_actors,
+                "engine_s": engine_s, "actor_nodes": actor_nodes}
     record = {
         **identity, "runs": runs[:-1] + [this_run], "actor_nodes": actor_nodes,
         "model": plan.model_id, "policy": calibration.folder if calibration else cfg.policy,
@@ -772,7 +775,7 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
         "promise": policy.promise, "task": plan.task.to_dict(), "template": plan.task.template,
         "labels": list(plan.task.labels), "flags": asdict(cfg), "ray_version": ray.__version__,
         "device": res.device_kind, "gpu_name": this_run["gpu_name"], "num_gpus": this_run["num_gpus"],
-        "num_actors": cfg.actors, "audit_rate": audit_rate, "start_time": started.isoformat(),
+        "num_actors": cfg.actors, "max_actors": res.max_actors, "engine_s": engine_s, "audit_rate": audit_rate, "start_time": started.isoformat(),
         "end_time": this_run["end_time"], "wall_s": wall, "rows_this_run": this_run["rows_this_run"],
         "resumed_rows": resumed, "rows": summary["rows"], "errors": summary["error_rows"],
         "rows_per_s": this_run["rows_this_run"] / wall if wall else None, "output": cfg.output, "summary": summary,

@@ -31,12 +31,19 @@ class RunState:
         self.in_flight: dict[str, int] = {}  # block -> the row being labeled one at a time
         self.kills: dict[str, dict[int, int]] = {}  # block -> row -> actor deaths while it ran
         self.nodes: dict[str, int] = {}  # node id -> model actors started there
+        self.engine_s = 0.0  # seconds the model actors spent inside the engine, summed
 
     def add_actor(self, node_id: str) -> None:
         self.nodes[node_id] = self.nodes.get(node_id, 0) + 1
 
     def actor_nodes(self) -> dict[str, int]:
         return dict(self.nodes)
+
+    def add_engine_seconds(self, seconds: float) -> None:
+        self.engine_s += seconds
+
+    def engine_seconds(self) -> float:
+        return self.engine_s
 
     def begin(self, block: str) -> tuple[int, dict[int, int]]:
         """A model actor starts `block`: returns (attempt number, actor deaths per row so far)."""
@@ -69,6 +76,12 @@ def register_actor(state) -> None:
 
     if state is not None:
         state.add_actor.remote(ray.get_runtime_context().get_node_id())
+
+
+def add_engine_time(state, seconds: float) -> None:
+    """Model time of one call (the report prices full depth from it, not from whole wall time)."""
+    if state is not None:
+        state.add_engine_seconds.remote(seconds)
 
 
 def block_key(ids) -> str:
