@@ -211,8 +211,7 @@ SST2_DEV = ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"
 @pytest.mark.slow
 def test_bf16_labels_agree_with_fp32_on_real_text(default_lm):
     """The bf16 path every GPU run takes, on CPU: the real default model, 40 real SST-2 dev
-    sentences, full depth. The bound is conservative: bf16 moves logits by about 1%, which flips
-    only items whose two label probabilities are close."""
+    sentences, full depth. The share is printed; the bound (90%) is deliberately loose."""
     from adainfer_ray.engine import EarlyExitEngine
     from adainfer_ray.io import read_rows
     from adainfer_ray.prompts import SENTIMENT, PromptEncoder
