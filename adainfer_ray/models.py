@@ -389,9 +389,9 @@ class DecoderLM:
     model_hash: str
 
     def __post_init__(self):
-        cfg = self.config
-        self.logits_scaling = getattr(cfg, "logits_scaling", None) or 1.0  # Granite divides the logits
-        self.logit_softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2 (and 3 if set)
+        # As the model's own forward does: the top-level config (Gemma 3 with vision does not cap)
+        self.logits_scaling = getattr(self.model.config, "logits_scaling", None) or 1.0  # Granite divides
+        self.logit_softcap = getattr(self.model.config, "final_logit_softcapping", None)  # Gemma 2 (3 if set)
 
     @property
     def config(self):  # the text model's config (Gemma 3 with vision keeps it in text_config)

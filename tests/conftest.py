@@ -42,6 +42,11 @@ TINY_CONFIGS = {
     "gemma3": dict(model_type="gemma3_text", **_ROPE, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
                    final_logit_softcapping=3.0, initializer_range=0.1,
                    layer_types=["sliding_attention", "full_attention"] * 3),
+    "gemma3-vision": dict(model_type="gemma3", text_config=dict(  # the text side of Gemma 3 with vision
+        **{**_ROPE, "vocab_size": 160}, head_dim=16, sliding_window=8, query_pre_attn_scalar=24, initializer_range=0.1,
+        layer_types=["sliding_attention", "full_attention"] * 3), mm_tokens_per_image=4,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14), image_token_index=159, boi_token_index=157, eoi_token_index=158),
     "phi3": dict(model_type="phi3", **_ROPE, sliding_window=8, partial_rotary_factor=0.5,
                  pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "granite": dict(model_type="granite", **_ROPE, embedding_multiplier=3.0, residual_multiplier=0.5,

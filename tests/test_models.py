@@ -76,7 +76,7 @@ def test_default_model_layers_reproduce_its_forward(default_lm):
     assert default_lm.num_layers == 30 and default_lm.model_hash
 
 
-NEW_FAMILIES = ["mistral-window", "gemma", "gemma2", "gemma3", "phi3", "granite", "olmo2"]
+NEW_FAMILIES = ["mistral-window", "gemma", "gemma2", "gemma3", "gemma3-vision", "phi3", "granite", "olmo2"]
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
