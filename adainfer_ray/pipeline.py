@@ -408,6 +408,7 @@ def preflight(cfg: JobConfig, log=print) -> Plan:
                                         "refused; pass --trust-remote-code only if you trust its source")
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
     family_of(config.model_type)
+    config = config.get_text_config()  # the decoder's own settings (Gemma 3 with vision nests them)
     task = build_task(cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
@@ -590,7 +591,7 @@ def label(ds, *, text_column: str = "text", id_column: str | None = None, task: 
 
     model_dir = resolve_model_dir(model)
     exit_policy.check_compatible(model_fingerprint(model_dir), the_task.fingerprint(),
-                                 AutoConfig.from_pretrained(model_dir).num_hidden_layers)
+                                 AutoConfig.from_pretrained(model_dir).get_text_config().num_hidden_layers)
     clash = set(OUTPUT_SCHEMA.names)
     keep = [c for c in ds.columns() if c not in clash]
     return _map_classifier(ds, cfg, the_task, exit_policy, plan_resources(cfg, init_ray()), audit_rate=audit_fraction,
