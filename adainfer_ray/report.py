@@ -1154,10 +1154,10 @@ def run_verdict(summary: dict, promise: dict | None) -> dict:
                       f"{_pct(1 - promise['delta'], 0)} confidence it changes at most {_pct(eps)} of the labels "
                       f"that the full model would give (calibrated on {_n(promise['calibration_size'])} rows).")
     if not audited:
-        out["message"] = "no row was audited, so this run cannot check the promise (see --audit-rows)"
+        out["message"] = "No row was audited, so this run cannot check the promise (see --audit-rows)"
     elif bound <= eps:
         out["ok"] = True
-        out["message"] = (f"promise confirmed by the audit: {_n(disagreed)} of {_n(audited)} audited labels "
+        out["message"] = (f"Promise confirmed by the audit: {_n(disagreed)} of {_n(audited)} audited labels "
                           f"changed, at most {_pct(bound)} at 95% confidence")
     elif lower_bound(disagreed, audited) > eps:
         out["ok"] = False
@@ -1167,7 +1167,7 @@ def run_verdict(summary: dict, promise: dict | None) -> dict:
                           "calibration data. Recalibrate on it with --calibrate N (e.g. 2000), or use --policy full")
     else:
         out["ok"] = False
-        out["message"] = (f"the audit cannot confirm the promise on this corpus: {_n(disagreed)} of {_n(audited)} "
+        out["message"] = (f"The audit cannot confirm the promise on this corpus: {_n(disagreed)} of {_n(audited)} "
                           f"audited labels changed ({_pct(out['observed'])}), which allows up to {_pct(bound)} at 95% "
                           f"confidence (above {_pct(eps)}). To be sure, recalibrate on this corpus with "
                           f"--calibrate N, or audit more rows (--audit-rows; at least {_n(rows_to_confirm(eps))} "
