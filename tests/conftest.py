@@ -99,26 +99,28 @@ def default_lm():
     return load_model(device="cpu")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random Llama saved as a normal HF folder, with the default model's real tokenizer:
-    the whole job runs on it in seconds."""
+def save_tiny_llama(folder, hidden: int, layers: int, heads: int):
+    """A random Llama saved as a normal HF folder, with the default model's real tokenizer."""
     import shutil
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from adainfer_ray.models import ensure_default_model
 
-    src = ensure_default_model()
-    folder = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
+    config = AutoConfig.for_model("llama", hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                  num_attention_heads=heads, num_key_value_heads=2, vocab_size=49152,
                                   max_position_embeddings=2048, tie_word_embeddings=True)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / name, folder / name)
+        shutil.copy(ensure_default_model() / name, folder / name)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama (4 layers, 64 wide) with the real tokenizer: the whole job runs on it in seconds."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), hidden=64, layers=4, heads=4)
 
 
 def review_texts(n: int, seed: int = 0) -> list[str]:

@@ -36,7 +36,7 @@ from adainfer_ray.pipeline import JobConfig, run_classify
 from adainfer_ray.policy import resolve_policy
 from adainfer_ray.resume import ResumeError, done_ids, drop_done
 from adainfer_ray.schema import OUTPUT_SCHEMA, SIDECAR_NAME
-from conftest import review_texts
+from conftest import review_texts, save_tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -655,20 +655,7 @@ def test_ids_never_steer_where_files_are_written(ray_connected, tiny_model_dir, 
 @pytest.fixture(scope="module")
 def tinier_model_dir(tmp_path_factory):
     """Two layers, 32 wide, with the real tokenizer: the load test measures the pipeline, not the model."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from adainfer_ray.models import ensure_default_model
-
-    folder = tmp_path_factory.mktemp("tinier-llama")
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=2, num_key_value_heads=2, vocab_size=49152,
-                                  max_position_embeddings=2048, tie_word_embeddings=True)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(ensure_default_model() / name, folder / name)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tinier-llama"), hidden=32, layers=2, heads=2)
 
 
 def rss_mb(procs) -> float:
