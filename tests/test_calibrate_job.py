@@ -181,7 +181,7 @@ def test_calibrate_once_then_classify_equals_classify_calibrate(ray_cluster, tmp
     a, b = read_output(tmp_path / "a").to_pandas(), read_output(tmp_path / "b").to_pandas()
     assert len(a) == len(b) == 300 and b["calibration"].sum() == 150
     rest = b[~b["calibration"]].set_index("id")
-    joined = rest.join(a.set_index("id"), rsuffix="_a")
+    joined = rest.join(a.set_index("id").add_suffix("_a"))
     assert (joined["label"] == joined["label_a"]).all() and (joined["exit_layer"] == joined["exit_layer_a"]).all()
     assert rest["exit_layer"].mean() < 30  # the policy really exits early
 
