@@ -25,7 +25,6 @@ the exit depths are replayed from a real policy's run.
 
 from __future__ import annotations
 
-import csv
 import ctypes
 import gc
 import json
@@ -45,6 +44,7 @@ from adainfer_ray.engine import EarlyExitEngine, default_batch_tokens, length_ba
 from adainfer_ray.features import LinearProbes
 from adainfer_ray.flops import ModelDims, head_flops, layer_flops
 from adainfer_ray.policy import ExitPolicy, PolicyError, exit_inputs
+from adainfer_ray.policy import resolve_policy as resolve_policy_spec
 from adainfer_ray.prompts import PromptEncoder, make_task
 
 SETTINGS = ("hf_prefix_cached", "hf_forward", "hf_forward_last", "engine_full", "engine_full_prefix",
@@ -140,27 +140,21 @@ class BenchmarkConfig:
 
 def read_labeled(path: str, text_column: str = "sentence", label_column: str = "label",
                  limit: int | None = None, labels: tuple[str, ...] = ()) -> tuple[list[str], np.ndarray]:
-    """Texts and gold label indices from a TSV/CSV with a header (SST-2: `sentence \\tlabel`).
-    Gold values are label indices (0, 1, ...) or label names of the task."""
-    delim = "," if str(path).endswith(".csv") else "\t"
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter=delim, quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL)
-        header = [h.strip() for h in next(reader)]
-        if text_column not in header or label_column not in header:
-            raise ValueError(f"{path}: header {header} lacks {text_column!r} or {label_column!r}")
-        ti, li = header.index(text_column), header.index(label_column)
-        texts, gold = [], []
-        for row in reader:
-            if len(row) <= max(ti, li):
-                continue
-            texts.append(row[ti].strip())
-            g = row[li].strip()
-            gold.append(labels.index(g) if g in labels else int(g))
-            if limit and len(texts) >= limit:
-                break
-    if not texts:
-        raise ValueError(f"{path}: no rows")
-    return texts, np.array(gold, np.int32)
+    """Texts and gold label indices [n] (-1 where unknown), read by the job's own reader
+    (io.read_rows) and mapped to label names as the job maps them (pipeline.gold_names)."""
+    from adainfer_ray import io
+    from adainfer_ray.pipeline import gold_names
+
+    texts, gold = [], []
+    for table in io.read_rows(path, io.detect_format(path), text_column, None, label_column):
+        texts += table.column("text").to_pylist()
+        gold += table.column("gold_label").to_pylist()
+        if limit and len(texts) >= limit:
+            break
+    texts, gold = texts[:limit] if limit else texts, gold[:limit] if limit else gold
+    if not texts or any(t is None for t in texts):
+        raise ValueError(f"{path}: no rows, or rows without a {text_column!r} text")
+    return texts, np.array([labels.index(g) if g in labels else -1 for g in gold_names(gold, labels, False)])
 
 
 def fit_standin_policy(lm, encoder: PromptEncoder, texts: list[str], target_agreement: float = 0.99,
@@ -210,18 +204,7 @@ def resolve_policy(spec: str, lm, encoder: PromptEncoder, cfg: BenchmarkConfig, 
         folder = Path(cfg.out) / "standin-policy"
         policy.save(folder)
         return policy, f"stand-in fitted on {len(texts)} items of {cfg.fit_data}, saved to {folder}"
-    if spec == "default":
-        if not (DEFAULT_POLICY_DIR / "policy.json").exists():
-            raise PolicyError(
-                f"the shipped default exit policy is not there ({DEFAULT_POLICY_DIR}/policy.json is missing). "
-                "Pass --policy PATH to a folder written by jobs/calibrate.py, or --policy fit to fit a quick "
-                "stand-in on --fit-data now.")
-        folder = DEFAULT_POLICY_DIR
-    else:
-        folder = Path(spec)
-    policy = ExitPolicy.load(folder)
-    if spec == "default":
-        folder = f"default ({DEFAULT_POLICY_DIR.relative_to(Path(__file__).parent.parent)})"
+    policy, folder = resolve_policy_spec(spec, lm.model_id, encoder.task.name), spec
     if policy.never_exits:
         raise PolicyError(f"{folder} is a full-depth policy: the benchmark needs one that exits early")
     policy.check_compatible(lm.model_hash, encoder.task.fingerprint(), lm.num_layers)
@@ -572,8 +555,6 @@ def load_workload(cfg: BenchmarkConfig, device: torch.device, log) -> Workload:
     """The default (or --model) model on real labeled text, with a real exit policy."""
     from adainfer_ray.models import load_model
 
-    if cfg.policy == "default" and not (DEFAULT_POLICY_DIR / "policy.json").exists():
-        resolve_policy("default", None, None, cfg)  # fail fast, before loading the model
     lm = load_model(cfg.model, device=str(device))
     task = make_task(cfg.task)
     encoder = PromptEncoder(task, lm.tokenizer, lm.max_context)
