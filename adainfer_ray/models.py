@@ -234,6 +234,11 @@ def _from_hub(spec: str) -> Path:
     return path
 
 
+def model_id(name_or_uri: str | None) -> str:
+    """The name a model goes by in policies and run records: DEFAULT_MODEL for the embedded one."""
+    return DEFAULT_MODEL if name_or_uri in _DEFAULT_NAMES else str(name_or_uri)
+
+
 def resolve_model_dir(name_or_uri: str | None) -> Path:
     """A local folder holding config.json + weights + tokenizer for `name_or_uri`: the default model,
     a local folder, a Hub id `org/name[@revision]`, an fsspec URI, or a `.gguf` file (local or URI)."""
@@ -622,5 +627,4 @@ def load_model(name_or_uri: str | None = None, device: str | None = None, dtype:
     model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch_dtype,
                                                  trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    model_id = DEFAULT_MODEL if name_or_uri in _DEFAULT_NAMES else str(name_or_uri)
-    return wrap_model(model.to(dev), tokenizer, model_id, model_fingerprint(model_dir))
+    return wrap_model(model.to(dev), tokenizer, model_id(name_or_uri), model_fingerprint(model_dir))

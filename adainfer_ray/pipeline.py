@@ -115,6 +115,17 @@ def run_precision(device_kind: str, dtype: str) -> str:
     return "bfloat16" if device_kind == "cuda" else "float32"
 
 
+def checked_policy(spec: str, model: str, task, model_hash: str, num_layers: int):
+    """--policy resolved (policy.resolve_policy) and checked against these weights and this prompt,
+    on the driver: the job's preflight and the `label` stage both come here."""
+    from adainfer_ray.models import model_id
+    from adainfer_ray.policy import resolve_policy
+
+    policy = resolve_policy(spec, model_id(model), task.name)
+    policy.check_compatible(model_hash, task.fingerprint(), num_layers)
+    return policy
+
+
 def audit_mask(ids, fraction: float, seed: int) -> np.ndarray:
     """A seeded, stable sample: the same ids are audited in every run and on every retry."""
     if fraction <= 0:
@@ -190,12 +201,11 @@ class Classifier:
     @classmethod
     def from_config(cls, cfg: JobConfig, **kwargs) -> "Classifier":
         """An actor's worth of labeling in this process (tests, notebooks): task and policy from cfg."""
-        from adainfer_ray.models import DEFAULT_MODEL
+        from adainfer_ray.models import model_id
         from adainfer_ray.policy import resolve_policy
 
         task = build_task(cfg)
-        model_id = DEFAULT_MODEL if cfg.model in ("", "default", DEFAULT_MODEL) else cfg.model
-        return cls(cfg, task, resolve_policy(cfg.policy, model_id, task.name), **kwargs)
+        return cls(cfg, task, resolve_policy(cfg.policy, model_id(cfg.model), task.name), **kwargs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         self.calls += 1
@@ -391,8 +401,8 @@ def preflight(cfg: JobConfig, log=print) -> Plan:
     from transformers import AutoConfig, AutoTokenizer  # after the cheap checks: importing torch takes seconds
 
     from adainfer_ray.flops import ModelDims
-    from adainfer_ray.models import DEFAULT_MODEL, UnsupportedModelError, family_of, model_fingerprint, resolve_model_dir
-    from adainfer_ray.policy import ExitPolicy, PolicyError, resolve_policy
+    from adainfer_ray.models import UnsupportedModelError, family_of, model_fingerprint, model_id, resolve_model_dir
+    from adainfer_ray.policy import ExitPolicy, PolicyError
     from adainfer_ray.prompts import PromptEncoder
 
     model_dir = resolve_model_dir(cfg.model)
@@ -416,14 +426,12 @@ def preflight(cfg: JobConfig, log=print) -> Plan:
         encoder = PromptEncoder(task, tokenizer, limit)
     except (OSError, ValueError) as e:  # no tokenizer, verbalizers sharing a token, a prefix too long...
         raise JobError(str(e)) from e
-    model_id = DEFAULT_MODEL if cfg.model in (None, "", "default", DEFAULT_MODEL) else cfg.model
     dims = ModelDims.from_config(config)
     model_hash = model_fingerprint(model_dir)
     if cfg.calibrate:
         policy = ExitPolicy.full_depth()  # calibrate_policy makes the real one (or finds it on resume)
     else:
-        policy = resolve_policy(cfg.policy, model_id, task.name)
-        policy.check_compatible(model_hash, task.fingerprint(), dims.layers)
+        policy = checked_policy(cfg.policy, cfg.model, task, model_hash, dims.layers)
     if cfg.calibrate and cfg.policy not in ("default", "full"):
         raise PolicyError("--calibrate makes its own policy: leave out --policy (or use jobs/calibrate.py "
                           "once and --policy FOLDER for later runs)")
@@ -433,7 +441,7 @@ def preflight(cfg: JobConfig, log=print) -> Plan:
         # The embedded corpus and memory:// live on this machine only: read here, hand the rows to Ray.
         embedded = [t for f, r in zip(files, roots) for t in _read_file(f, r, fmt, cfg, present["--id-column"])]
     return Plan(files=files, roots=roots, format=fmt, has_id_column=present["--id-column"], task=task, policy=policy,
-                model_id=model_id, model_hash=model_hash, num_layers=dims.layers, dims=dims,
+                model_id=model_id(cfg.model), model_hash=model_hash, num_layers=dims.layers, dims=dims,
                 prefix_tokens=len(encoder.prefix_ids),
                 gold_one_based=_gold_is_one_based(files, fmt, cfg, task) if cfg.label_column else False,
                 embedded_rows=embedded)
@@ -577,21 +585,18 @@ def label(ds, *, text_column: str = "text", id_column: str | None = None, task: 
     from jobs/calibrate.py. Without `id_column`, the audit sample is drawn by text.
     """
 
-    from adainfer_ray.models import DEFAULT_MODEL, model_fingerprint, resolve_model_dir
-    from adainfer_ray.policy import resolve_policy
+    from transformers import AutoConfig
+
+    from adainfer_ray.models import model_fingerprint, resolve_model_dir
 
     cfg = JobConfig(text_column=text_column, id_column=id_column or "", task=task, labels=labels, template=template,
                     model=model, policy=policy, device=device, dtype=dtype, actors=str(actors),
                     gpus_per_actor=gpus_per_actor, batch_size=batch_size, audit_fraction=audit_fraction, seed=seed,
                     trust_remote_code=trust_remote_code)
     the_task = build_task(cfg)
-    model_id = DEFAULT_MODEL if model in ("", "default", DEFAULT_MODEL) else model
-    exit_policy = resolve_policy(policy, model_id, the_task.name)
-    from transformers import AutoConfig
-
     model_dir = resolve_model_dir(model)
-    exit_policy.check_compatible(model_fingerprint(model_dir), the_task.fingerprint(),
-                                 AutoConfig.from_pretrained(model_dir).get_text_config().num_hidden_layers)
+    num_layers = AutoConfig.from_pretrained(model_dir).get_text_config().num_hidden_layers
+    exit_policy = checked_policy(policy, model, the_task, model_fingerprint(model_dir), num_layers)
     clash = set(OUTPUT_SCHEMA.names)
     keep = [c for c in ds.columns() if c not in clash]
     return _map_classifier(ds, cfg, the_task, exit_policy, plan_resources(cfg, init_ray()), audit_rate=audit_fraction,
@@ -733,8 +738,9 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
         rows_seen = calibration.rows_seen
     else:
         _warn_on_precision(plan.policy, res.device_kind, cfg.dtype, log)
-    identity["policy_fingerprint"] = resume.policy_fingerprint(plan.policy)
-    resume.check_same_run(cfg.output, identity, False, log)
+    if cfg.calibrate:  # the policy is known now: the same refusal as above, for it
+        identity["policy_fingerprint"] = resume.policy_fingerprint(plan.policy)
+        resume.check_same_run(cfg.output, identity, False, log)
     done = resume.done_ids(cfg.output, log)
     if calibration is not None and calibration.sample is not None:
         log(f"calibration: the sample's {len(calibration.sample)} rows are written; labeling the other rows")

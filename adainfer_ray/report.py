@@ -1183,7 +1183,7 @@ def job_summary(record: dict) -> str:
              f"truncated {_n(s['truncated_rows'])}"]
     if s["mean_exit_layer"] is not None:
         lines.append(f"mean exit layer {_num(s['mean_exit_layer'], 1)}/{record['num_layers']}, layers skipped "
-                     f"{_pct(s['layers_skipped_share'])}; FLOPs saved by early exit {_pct(_exit_share(s))} "
+                     f"{_pct(s['layers_skipped_share'])}; FLOPs saved by early exit {_pct(s['exit_saved_share_same_prefix'])} "
                      f"of a full-depth run with the same prefix reuse")
     if s["calibration_rows"]:
         outside = s["outside_sample"]
@@ -1211,14 +1211,6 @@ def job_summary(record: dict) -> str:
                      f"{record['device']} ({record.get('dtype')})")
     lines.append(f"output: {record['output']} (Parquet files + {SIDECAR_NAME})")
     return "\n".join(lines)
-
-
-def _exit_share(summary: dict) -> float | None:
-    """Early exit's own saving: against full depth with the same prefix handling (both shares are
-    of the no-reuse reference, so early exit's share of what prefix reuse left is their ratio)."""
-    if summary.get("exit_saved_share") is None:
-        return None
-    return _ratio(summary["exit_saved_share"], 1 - (summary.get("prefix_saved_share") or 0))
 
 
 # --- Everything --------------------------------------------------------------------------------
