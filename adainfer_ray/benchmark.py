@@ -85,7 +85,7 @@ DEFINITIONS = {
                          "exit_regrouped_prefix it is engine_full_prefix; 1 for full-depth settings",
     "accuracy": "share of items whose label equals the gold label",
     "agreement": "share of items whose label equals the reference's (hf_prefix_cached) label on the same token ids",
-    "padding_share": "engine settings: share of the layer steps' token slots (B x longest) that were padding",
+    "padding_share": "engine settings: share of attention's token slots (B x longest) that were padding; projections and MLP run packed, without padding",
     "peak_mem_mb": "CPU: high-water RSS during the pass minus RSS just before it (Linux: the kernel's VmHWM, "
                    "reset per pass through /proc/self/clear_refs; elsewhere sampled every 5 ms by a thread; freed "
                    "heap is returned to the OS with malloc_trim before each pass), the max over rounds; CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus the "

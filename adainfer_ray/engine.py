@@ -8,9 +8,13 @@ reads each item's features; items that stop leave, the rest move to queue[k+1], 
 admitted to queue[0] while fewer than `max_inflight` are in flight. So every layer runs on a batch
 of items that all need that layer, and no exited item is ever carried.
 
-An item's result depends only on the item: each row of a batch is computed independently (right
-padding under a causal mask never lets a real token see a pad), which tests check by running the
-same items with batch sizes 1, 8, N and in shuffled order.
+Packed steps. A step's items are laid end to end, [N, D] for N real tokens (`models.Packed`): the
+projections and the MLP never compute padding; only attention lays q, k, v out as right-padded
+rows for the fused kernel. Shortest-first batches keep that padding small too.
+
+An item's result depends only on the item: each item is computed independently (right padding
+under a causal mask never lets a real token see a pad), which tests check by running the same items
+with batch sizes 1, 8, N and in shuffled order.
 
 Shared prefix. With `reuse_prefix`, the few-shot prefix runs once per engine (per actor); its keys
 and values per layer are cached and every item runs only its own tokens, attending to them.
@@ -27,10 +31,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from adainfer_ray.features import ExitFeatures, top2
 from adainfer_ray.flops import ModelDims, item_flops
+from adainfer_ray.models import Packed
 from adainfer_ray.policy import ExitPolicy
 
 
@@ -70,7 +74,7 @@ def to_device(values, device: torch.device, dtype=torch.long) -> torch.Tensor:
 
 
 class _Step:
-    """The output of one layer step: hidden states [B, T, D] of right-padded rows."""
+    """The output of one layer step: hidden states [N, D] of its items' tokens, packed end to end."""
     __slots__ = ("h",)
 
     def __init__(self, h: torch.Tensor):
@@ -82,9 +86,16 @@ class _Item:
     index: int  # position in the caller's list
     ids: list[int]  # the item's tokens (with the prefix prepended when it is not reused)
     audit: bool  # keep running to full depth after exiting, to record the full-depth answer
-    src: _Step | None = None  # where its hidden state [T, D] after the layers run so far lives
-    row: int = 0  # ... as row `row` of src.h
+    src: _Step | None = None  # where its hidden states [len(ids), D] after the layers run so far live
+    start: int = 0  # ... as rows start : start + len(ids) of src.h
     done: bool = False  # its answer is recorded
+
+
+def token_rows(starts, lengths) -> np.ndarray:
+    """The rows [s, s + n) of every (s, n), concatenated: where packed items' tokens are."""
+    lengths = np.asarray(lengths)
+    ends = np.cumsum(lengths)
+    return np.arange(ends[-1]) + np.repeat(np.asarray(starts) - (ends - lengths), lengths)
 
 
 class EarlyExitEngine:
@@ -122,44 +133,43 @@ class EarlyExitEngine:
 
     @torch.no_grad()
     def _run_layer(self, k: int, items: list[_Item]) -> torch.Tensor:
-        """Run layer k on `items` (each at depth k); point them at their new hidden states; return
-        the last-token states [B, D]."""
+        """Run layer k on `items` (each at depth k), packed end to end with no padding; point them
+        at their new hidden states; return the last-token states [B, D]."""
         lens = [len(it.ids) for it in items]
         B, T = len(items), max(lens)
+        starts = np.cumsum([0] + lens[:-1])
         dev = self.lm.device
         offset = len(self.prefix_ids) if self.reuse_prefix else 0
-        pos = (offset + torch.arange(T, device=dev))[None]  # [1, T]: the same for every row (broadcast)
-        if k == 0:  # right padding; pads are never attended to
-            h = self.lm.embed(to_device([it.ids + [0] * (T - n) for it, n in zip(items, lens)], dev), pos)
+        pos = to_device(offset + token_rows(np.zeros(B, int), lens), dev)[None]  # [1, N]: each token's position
+        packed = Packed(to_device(token_rows(np.arange(B) * T, lens), dev), B, T)  # where attention pads them
+        if k == 0:
+            h = self.lm.embed(to_device([t for it in items for t in it.ids], dev)[None], pos)  # [1, N, D]
         else:
-            h = self._gather(items, T)
-        h = self.lm.layer(k, h, pos, self.prefix_kv[k] if self.reuse_prefix else None)  # [B, T, D]
+            h = self._gather(items)[None]
+        prefix_kv = self.prefix_kv[k] if self.reuse_prefix else None
+        h = self.lm.layer(k, h, pos, prefix_kv, packed=packed)[0]  # [N, D]
         step = _Step(h)
-        for b, it in enumerate(items):
-            it.src, it.row = step, b
+        for it, s in zip(items, starts):
+            it.src, it.start = step, int(s)
         self.stats["steps"] += 1
         self.stats["tokens"] += sum(lens)
-        self.stats["padded_tokens"] += B * T
-        last = to_device([b * T + n - 1 for b, n in enumerate(lens)], dev)
-        return h.view(B * T, -1).index_select(0, last)
+        self.stats["padded_tokens"] += B * T  # what attention pads to (the rest of the layer does not)
+        return h.index_select(0, to_device(starts + np.asarray(lens) - 1, dev))
 
     @staticmethod
-    def _gather(items: list[_Item], T: int) -> torch.Tensor:
-        """The items' hidden states as one right-padded [B, T, D] batch, in the order of `items`
-        (which `_take` groups by source step): one index per source step, none per item."""
-        groups: list[tuple[_Step, list[int]]] = []
+    def _gather(items: list[_Item]) -> torch.Tensor:
+        """The items' hidden states packed as [N, D], in the order of `items` (which `_take` groups
+        by source step): one index per source step, none per item, none if a step is taken whole."""
+        groups: list[tuple[_Step, list[_Item]]] = []
         for it in items:
             if not groups or groups[-1][0] is not it.src:
                 groups.append((it.src, []))
-            groups[-1][1].append(it.row)
+            groups[-1][1].append(it)
         parts = []
-        dev = items[0].src.h.device
-        for step, rows in groups:
-            h = step.h
-            if rows != list(range(h.shape[0])):
-                h = h.index_select(0, to_device(rows, dev))
-            h = h[:, :T] if h.shape[1] >= T else F.pad(h, (0, 0, 0, T - h.shape[1]))  # pads are never read
-            parts.append(h)
+        for step, members in groups:
+            rows = token_rows([it.start for it in members], [len(it.ids) for it in members])
+            whole = len(rows) == step.h.shape[0] and members[0].start == 0 and (np.diff(rows) == 1).all()
+            parts.append(step.h if whole else step.h.index_select(0, to_device(rows, step.h.device)))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     # -- scheduling --------------------------------------------------------------------------------
@@ -172,7 +182,7 @@ class EarlyExitEngine:
         batch = queue[:n]
         del queue[:n]
         if batch[0].src is not None:
-            batch.sort(key=lambda it: (id(it.src), it.row))
+            batch.sort(key=lambda it: (id(it.src), it.start))
         return batch
 
     @torch.no_grad()

@@ -4,7 +4,8 @@
 tokenizer, and four small functions the engine calls:
 
     h = lm.embed(ids, pos)                     # [B, T] -> [B, T, D]
-    h = lm.layer(i, h, pos, prefix_kv)         # [B, T, D] -> [B, T, D]; one decoder layer
+    h = lm.layer(i, h, pos, prefix_kv, packed) # [B, T, D] -> [B, T, D]; one decoder layer
+                                               # (packed: [1, N, D] of items end to end)
     x = lm.final_norm(h)                       # [..., D]
     z = lm.head(x)                             # [..., D] -> [..., V]
 
@@ -315,7 +316,30 @@ def pick_device(device: str | None = None, dtype: str | None = "auto") -> tuple[
 # Attention over plain tensors
 
 
-def attention(q, k, v, prefix_kv=None, scale=None, window=None, softcap=None):
+@dataclass
+class Packed:
+    """B items of different lengths laid end to end as one row of N = sum(lengths) tokens: h is
+    [1, N, D], so the projections and the MLP (most of a layer's FLOPs) run on real tokens only,
+    never on padding. Attention is the one step that needs the items apart: `pad` lays q, k, v out
+    as right-padded [B, T] rows for the fused kernel and `unpad` packs its output back.
+
+    index [N]: where token n of the packed row sits in the padded batch (row b * T + t)."""
+
+    index: torch.Tensor
+    B: int
+    T: int
+
+    def pad(self, x):  # [1, H, N, d] -> [B, H, T, d]; pad rows are zeros, never attended to by a real token
+        _, H, N, d = x.shape
+        rows = x.new_zeros(self.B * self.T, H, d).index_copy_(0, self.index, x[0].transpose(0, 1))
+        return rows.view(self.B, self.T, H, d).transpose(1, 2)
+
+    def unpad(self, o):  # [B, H, T, d] -> [1, H, N, d]
+        B, H, T, d = o.shape
+        return o.transpose(1, 2).reshape(B * T, H, d).index_select(0, self.index).transpose(0, 1)[None]
+
+
+def attention(q, k, v, prefix_kv=None, scale=None, window=None, softcap=None, packed: Packed | None = None):
     """Causal attention for right-padded items, optionally also attending to a shared prefix.
 
     q: [B, H, T, d]; k, v: [B, Hkv, T, d]; prefix_kv: (k, v) of [1, Hkv, P, d] or None.
@@ -323,8 +347,12 @@ def attention(q, k, v, prefix_kv=None, scale=None, window=None, softcap=None):
     j with i - window < j <= i, counted over [prefix | own tokens], as Hugging Face masks it.
     softcap: scores become softcap * tanh(scores / softcap) before the mask (Gemma 2).
     Right padding means a real token never sees a pad under the causal mask, so no pad mask is needed.
+    packed: q, k, v are [1, H|Hkv, N, d] rows of packed items (see `Packed`), and so is the result.
     Returns [B, H, T, d].
     """
+    if packed is not None:
+        o = attention(packed.pad(q), packed.pad(k), packed.pad(v), prefix_kv, scale, window, softcap)
+        return packed.unpad(o)
     B, H, T, d = q.shape
     Hkv = k.shape[1]
     scale = d**-0.5 if scale is None else scale
@@ -469,7 +497,7 @@ class LlamaLM(DecoderLM):
     def embed(self, ids, pos):  # Gemma's embedding module scales by sqrt(D) itself, in its own dtype
         return _scaled(self.decoder.embed_tokens(ids), self.embedding_multiplier)
 
-    def attend(self, i, x, pos, prefix_kv=None):
+    def attend(self, i, x, pos, prefix_kv=None, packed=None):
         """Self-attention of layer i on its normed input x [B, T, D]: ([B, T, D], this layer's (k, v))."""
         att, cfg = self.decoder.layers[i].self_attn, self.config
         d, Hq, Hkv = att.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
@@ -487,12 +515,12 @@ class LlamaLM(DecoderLM):
         cos, sin = rope(x, pos, self.layer_types[i]) if self.typed_rope else rope(x, pos)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        o = attention(q, k, v, prefix_kv, att.scaling, self.windows[i], self.attn_softcap)
+        o = attention(q, k, v, prefix_kv, att.scaling, self.windows[i], self.attn_softcap, packed)
         return att.o_proj(_merge(o)), (k, v)
 
-    def layer(self, i, h, pos, prefix_kv=None, return_kv=False):
+    def layer(self, i, h, pos, prefix_kv=None, return_kv=False, packed=None):
         blk, r = self.decoder.layers[i], self.residual_multiplier
-        a, kv = self.attend(i, blk.input_layernorm(h), pos, prefix_kv)
+        a, kv = self.attend(i, blk.input_layernorm(h), pos, prefix_kv, packed)
         h = h + _scaled(a, r)
         h = h + _scaled(blk.mlp(blk.post_attention_layernorm(h)), r)
         return (h, kv) if return_kv else h
@@ -506,9 +534,9 @@ class GemmaLM(LlamaLM):
     query_pre_attn_scalar (the module's own `scaling`), soft-capped scores (Gemma 2), q/k norms
     (Gemma 3), sliding-window layers between global ones, each kind with its own RoPE base."""
 
-    def layer(self, i, h, pos, prefix_kv=None, return_kv=False):
+    def layer(self, i, h, pos, prefix_kv=None, return_kv=False, packed=None):
         blk = self.decoder.layers[i]
-        a, kv = self.attend(i, blk.input_layernorm(h), pos, prefix_kv)
+        a, kv = self.attend(i, blk.input_layernorm(h), pos, prefix_kv, packed)
         h = h + blk.post_attention_layernorm(a)
         h = h + blk.post_feedforward_layernorm(blk.mlp(blk.pre_feedforward_layernorm(h)))
         return (h, kv) if return_kv else h
@@ -519,9 +547,9 @@ class Olmo2LM(LlamaLM):
 
     QK_NORM = "full"
 
-    def layer(self, i, h, pos, prefix_kv=None, return_kv=False):
+    def layer(self, i, h, pos, prefix_kv=None, return_kv=False, packed=None):
         blk = self.decoder.layers[i]
-        a, kv = self.attend(i, h, pos, prefix_kv)
+        a, kv = self.attend(i, h, pos, prefix_kv, packed)
         h = h + blk.post_attention_layernorm(a)
         h = h + blk.post_feedforward_layernorm(blk.mlp(h))
         return (h, kv) if return_kv else h
@@ -537,14 +565,14 @@ class OptLM(DecoderLM):
             h = dec.project_in(h)
         return h + dec.embed_positions.weight[pos + dec.embed_positions.offset]
 
-    def layer(self, i, h, pos, prefix_kv=None, return_kv=False):
+    def layer(self, i, h, pos, prefix_kv=None, return_kv=False, packed=None):
         blk, cfg = self.model.model.decoder.layers[i], self.config
         att, pre = blk.self_attn, cfg.do_layer_norm_before
         H = cfg.num_attention_heads
         d = cfg.hidden_size // H
         x = blk.self_attn_layer_norm(h) if pre else h
         q, k, v = _heads(att.q_proj(x), H, d), _heads(att.k_proj(x), H, d), _heads(att.v_proj(x), H, d)
-        h = h + att.out_proj(_merge(attention(q, k, v, prefix_kv, d**-0.5)))
+        h = h + att.out_proj(_merge(attention(q, k, v, prefix_kv, d**-0.5, packed=packed)))
         if not pre:
             h = blk.self_attn_layer_norm(h)
         x = blk.final_layer_norm(h) if pre else h
@@ -567,14 +595,14 @@ class Gpt2LM(DecoderLM):
         tr = self.model.transformer
         return tr.wte(ids) + tr.wpe(pos)
 
-    def layer(self, i, h, pos, prefix_kv=None, return_kv=False):
+    def layer(self, i, h, pos, prefix_kv=None, return_kv=False, packed=None):
         blk, cfg = self.model.transformer.h[i], self.config
         H = cfg.n_head
         d = cfg.n_embd // H
         q, k, v = blk.attn.c_attn(blk.ln_1(h)).split(cfg.n_embd, dim=-1)
         q, k, v = _heads(q, H, d), _heads(k, H, d), _heads(v, H, d)
         scale = d**-0.5 if cfg.scale_attn_weights else 1.0
-        h = h + blk.attn.c_proj(_merge(attention(q, k, v, prefix_kv, scale)))
+        h = h + blk.attn.c_proj(_merge(attention(q, k, v, prefix_kv, scale, packed=packed)))
         h = h + blk.mlp(blk.ln_2(h))
         return (h, (k, v)) if return_kv else h
 

@@ -120,9 +120,9 @@ def count_layer_rows(lm):
     calls = []
     orig = lm.layer
 
-    def counting(i, h, pos, prefix_kv=None, return_kv=False):
-        calls.append((i, h.shape[0]))
-        return orig(i, h, pos, prefix_kv, return_kv)
+    def counting(i, h, pos, prefix_kv=None, return_kv=False, packed=None):
+        calls.append((i, packed.B if packed is not None else h.shape[0]))
+        return orig(i, h, pos, prefix_kv, return_kv, packed)
     lm.layer = counting
     return calls
 

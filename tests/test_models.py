@@ -45,6 +45,22 @@ def test_prefix_cache_matches_whole_prompt(tiny_lm):
         assert torch.allclose(ours[b], ref, atol=1e-4)
 
 
+@torch.no_grad()
+def test_packed_engine_steps_reproduce_hf_forward(tiny_lm):
+    """The engine's layer steps (items of different lengths packed end to end, the prefix attended
+    from its cache or run with each item) give the model's own answer, for every family and past
+    sliding windows."""
+    from adainfer_ray.engine import EarlyExitEngine
+
+    prefix, items, label_ids = random_items(1, seed=11, lo=9, hi=10)[0], random_items(7, seed=12, lo=2, hi=30), [5, 9, 17]
+    for reuse in (True, False):
+        out = EarlyExitEngine(tiny_lm, label_ids, prefix_ids=prefix, reuse_prefix=reuse).classify(items)
+        for i, x in enumerate(items):
+            p = torch.softmax(tiny_lm.model(torch.tensor([prefix + x])).logits[0, -1, label_ids], -1)
+            assert out["label"][i] == int(p.argmax())
+            assert out["label_score"][i] == pytest.approx(float(p.max()), abs=1e-5), (reuse, i)
+
+
 def test_unknown_architecture_names_the_supported_ones():
     with pytest.raises(UnsupportedModelError, match="llama.*opt.*gpt2"):
         family_of("mamba")
