@@ -73,21 +73,13 @@ def to_device(values, device: torch.device, dtype=torch.long) -> torch.Tensor:
     return t
 
 
-class _Step:
-    """The output of one layer step: hidden states [N, D] of its items' tokens, packed end to end."""
-    __slots__ = ("h",)
-
-    def __init__(self, h: torch.Tensor):
-        self.h = h
-
-
 @dataclass
 class _Item:
     index: int  # position in the caller's list
     ids: list[int]  # the item's tokens (with the prefix prepended when it is not reused)
     audit: bool  # keep running to full depth after exiting, to record the full-depth answer
-    src: _Step | None = None  # where its hidden states [len(ids), D] after the layers run so far live
-    start: int = 0  # ... as rows start : start + len(ids) of src.h
+    src: torch.Tensor | None = None  # the step output [N, D] holding its hidden states after the layers run so far
+    start: int = 0  # ... as rows start : start + len(ids) of src
     done: bool = False  # its answer is recorded
 
 
@@ -148,9 +140,8 @@ class EarlyExitEngine:
             h = self._gather(items)[None]
         prefix_kv = self.prefix_kv[k] if self.reuse_prefix else None
         h = self.lm.layer(k, h, pos, prefix_kv, packed=packed)[0]  # [N, D]
-        step = _Step(h)
         for it, s in zip(items, starts):
-            it.src, it.start = step, int(s)
+            it.src, it.start = h, int(s)
         self.stats["steps"] += 1
         self.stats["tokens"] += sum(lens)
         self.stats["padded_tokens"] += B * T  # what attention pads to (the rest of the layer does not)
@@ -160,7 +151,7 @@ class EarlyExitEngine:
     def _gather(items: list[_Item]) -> torch.Tensor:
         """The items' hidden states packed as [N, D], in the order of `items` (which `_take` groups
         by source step): one index per source step, none per item, none if a step is taken whole."""
-        groups: list[tuple[_Step, list[_Item]]] = []
+        groups: list[tuple[torch.Tensor, list[_Item]]] = []
         for it in items:
             if not groups or groups[-1][0] is not it.src:
                 groups.append((it.src, []))
@@ -168,8 +159,8 @@ class EarlyExitEngine:
         parts = []
         for step, members in groups:
             rows = token_rows([it.start for it in members], [len(it.ids) for it in members])
-            whole = len(rows) == step.h.shape[0] and members[0].start == 0 and (np.diff(rows) == 1).all()
-            parts.append(step.h if whole else step.h.index_select(0, to_device(rows, step.h.device)))
+            whole = len(rows) == step.shape[0] and members[0].start == 0 and (np.diff(rows) == 1).all()
+            parts.append(step if whole else step.index_select(0, to_device(rows, step.device)))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     # -- scheduling --------------------------------------------------------------------------------
