@@ -176,6 +176,7 @@ class Classifier:
     def __init__(self, cfg: JobConfig, task, policy, threads: int | None = None, trace: bool = False,
                  audit_rate: float = 0.0, gold_one_based: bool = False, text_column: str = "text",
                  id_column: str | None = "id", keep_columns: tuple = (), run_state=None):
+        runstate.mark(run_state, "actor_start")  # the run's timeline (_run.json): where start-up time goes
         import torch
 
         from adainfer_ray.engine import EarlyExitEngine
@@ -196,6 +197,7 @@ class Classifier:
                                       reuse_prefix=cfg.reuse_prefix, max_batch_tokens=cfg.max_batch_tokens)
         self.run_state = run_state  # where this actor ran, and poison rows that end (runstate.py)
         runstate.register_actor(run_state)
+        runstate.mark(run_state, "actor_ready")
         self.calls = 0
 
     @classmethod
@@ -247,6 +249,9 @@ class Classifier:
         if self.trace:
             for key in TRACE_FEATURES + ("item_tokens",):  # one list per row, null where a row has no trace
                 table = table.append_column("trace_" + key, _list_column([tr and tr[key] for tr in traces]))
+        if self.calls == 1:  # the run keeps the earliest of its actors' first batches: first_labels_s
+            runstate.mark(self.run_state, "first_labels")
+        runstate.mark(self.run_state, "last_labels", last=True)  # labeling time: actor_ready to last_labels
         return table
 
     def _label(self, encoded, where, ids, rows, errors):
@@ -711,13 +716,18 @@ def _trace_column(column, num_layers: int) -> np.ndarray:
 # -- the job ------------------------------------------------------------------------------------------
 
 
-def run_classify(cfg: JobConfig, log=print) -> dict:
-    """Run the whole job; returns the run record that is also written as the sidecar."""
+def run_classify(cfg: JobConfig, log=print, started_at: float | None = None) -> dict:
+    """Run the whole job; returns the run record that is also written as the sidecar.
+
+    started_at: when the command started (time.time()), so that wall_s and the start-up timeline
+    count what the user waits for, imports included; default: now."""
     from adainfer_ray import report
 
-    started = datetime.now(timezone.utc)
-    t0 = time.perf_counter()
+    started_at = time.time() if started_at is None else started_at
+    started = datetime.fromtimestamp(started_at, timezone.utc)
+    timeline = {}  # when the driver reached its steps (the actors report theirs to the run state)
     plan = preflight(cfg, log)
+    timeline["preflight_done"] = time.time()
     if not plan.has_id_column:
         log(f"no column {cfg.id_column!r} in the input: ids are derived as <file path under --input>:<row number>")
     # Who writes this output: a rerun that would mix labels of two kinds is refused (resume.py), before
@@ -727,6 +737,7 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
         identity["policy_fingerprint"] = resume.policy_fingerprint(plan.policy)
     previous = resume.check_same_run(cfg.output, identity, cfg.overwrite, log)
     ray = init_ray()
+    timeline["ray_ready"] = time.time()
     res = plan_resources(cfg, ray)
     identity["dtype"] = run_precision(res.device_kind, cfg.dtype)
     resume.refuse_other_run(cfg.output, previous, identity)
@@ -760,9 +771,14 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
     _write(ds, cfg.output, started)
     if not io.output_files(cfg.output):  # no rows at all: still leave a table that every reader can open
         io.write_parquet(cfg.output, "empty.parquet", OUTPUT_SCHEMA.empty_table())
-    wall = time.perf_counter() - t0
-    actor_nodes, engine_s = ray.get([state.actor_nodes.remote(), state.engine_seconds.remote()])
+    wall = time.time() - started_at
+    actor_nodes, engine_s, marks = ray.get([state.actor_nodes.remote(), state.engine_seconds.remote(),
+                                            state.marks.remote()])
     ray.kill(state)
+    # Seconds from the command's start to each step: where the start-up goes, and the labeling's span.
+    timeline = {f"{event}_s": at - started_at
+                for event, at in sorted({**timeline, **marks}.items(), key=lambda item: item[1])}
+    first_labels_s = timeline.get("first_labels_s")  # None when no row needed labeling
     summary = report.summarize_run([cfg.output])
     if summary["rows"] == 0:
         log(f"the input holds no rows: {cfg.output} holds an empty table (empty.parquet) and {SIDECAR_NAME}")
@@ -774,7 +790,8 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
     this_run = {**runs[-1], "end_time": datetime.now(timezone.utc).isoformat(), "wall_s": wall,
                 "rows_this_run": summary["rows"] - resumed, "gpu_name": _gpu_name() if res.gpus_per_actor else None,
                 "num_gpus": res.gpus_per_actor * res.max_actors, "num_actors": cfg.actors, "max_actors": res.max_actors,
-                "engine_s": engine_s, "actor_nodes": actor_nodes}
+                "engine_s": engine_s, "actor_nodes": actor_nodes, "first_labels_s": first_labels_s,
+                "timeline": timeline}
     record = {
         **identity, "runs": runs[:-1] + [this_run], "actor_nodes": actor_nodes,
         "model": plan.model_id, "policy": calibration.folder if calibration else cfg.policy,
@@ -782,7 +799,8 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
         "promise": policy.promise, "task": plan.task.to_dict(), "template": plan.task.template,
         "labels": list(plan.task.labels), "flags": asdict(cfg), "ray_version": ray.__version__,
         "device": res.device_kind, "gpu_name": this_run["gpu_name"], "num_gpus": this_run["num_gpus"],
-        "num_actors": cfg.actors, "max_actors": res.max_actors, "engine_s": engine_s, "audit_rate": audit_rate, "start_time": started.isoformat(),
+        "num_actors": cfg.actors, "max_actors": res.max_actors, "engine_s": engine_s, "audit_rate": audit_rate,
+        "first_labels_s": first_labels_s, "start_time": started.isoformat(),
         "end_time": this_run["end_time"], "wall_s": wall, "rows_this_run": this_run["rows_this_run"],
         "resumed_rows": resumed, "rows": summary["rows"], "errors": summary["error_rows"],
         "rows_per_s": this_run["rows_this_run"] / wall if wall else None, "output": cfg.output, "summary": summary,

@@ -335,7 +335,7 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch):
     """Only errors in what the user gave become one line; a bug must stay debuggable."""
     import adainfer_ray.pipeline as pipeline
 
-    def boom(cfg):
+    def boom(cfg, **_):  # run_classify(cfg, started_at=...)
         raise ValueError("a bug, not bad input")
 
     monkeypatch.setattr(pipeline, "run_classify", boom)
@@ -348,7 +348,7 @@ def test_user_errors_raised_inside_ray_tasks_still_print_one_line(monkeypatch, c
 
     import adainfer_ray.pipeline as pipeline
 
-    def fails_in_a_task(cfg):
+    def fails_in_a_task(cfg, **_):
         cause = io.InputError("cannot read x.parquet as parquet: Corrupt snappy\ncompressed data")
         wrapped = ray.exceptions.RayTaskError("read", "Traceback (most recent call last):\n  ...", cause)
         raise wrapped.as_instanceof_cause()
