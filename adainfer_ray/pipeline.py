@@ -378,10 +378,18 @@ class Plan:
     embedded_rows: list | None = field(default=None, repr=False)  # the embedded corpus, read here
 
 
-def preflight(cfg: JobConfig, log=print) -> Plan:
-    """Every check that can fail fast runs here, on the driver, before Ray starts any actor. What is
-    wrong with the user's input or settings is raised as one of the errors jobs/*.py print as one
-    line (JobError, io.InputError, PolicyError, UnsupportedModelError, FileNotFoundError)."""
+@dataclass
+class CheckedInput:
+    """What check_input found: the input's files, their format and which optional columns they have."""
+
+    files: list[str]
+    roots: list[str]
+    format: str
+    present: dict[str, bool]
+
+
+def check_input(cfg: JobConfig) -> CheckedInput:
+    """The preflight's cheap half (milliseconds: paths, columns, flags), run before Ray starts at all."""
     from adainfer_ray.models import DTYPES
 
     _, files, roots = io.list_files(cfg.input)
@@ -402,6 +410,16 @@ def preflight(cfg: JobConfig, log=print) -> Plan:
     for ok, message in checks:
         if not ok:
             raise JobError(message)
+    return CheckedInput(files, roots, fmt, present)
+
+
+def preflight(cfg: JobConfig, log=print, checked: CheckedInput | None = None) -> Plan:
+    """Every check that can fail fast runs here, on the driver, before Ray starts any actor. What is
+    wrong with the user's input or settings is raised as one of the errors jobs/*.py print as one
+    line (JobError, io.InputError, PolicyError, UnsupportedModelError, FileNotFoundError).
+    `checked`: check_input's result, when it ran already."""
+    checked = checked or check_input(cfg)
+    files, roots, fmt, present = checked.files, checked.roots, checked.format, checked.present
 
     from transformers import AutoConfig, AutoTokenizer  # after the cheap checks: importing torch takes seconds
 
@@ -482,6 +500,62 @@ def init_ray():
         # Inside `ray job submit` RAY_ADDRESS points at the cluster; otherwise start a local Ray.
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, include_dashboard=False)
     return ray
+
+
+def starts_local_ray() -> bool:
+    """Whether init_ray will start a Ray of its own here (rather than join one: RAY_ADDRESS, or this
+    process already connected)."""
+    import ray
+
+    return not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+
+
+def preflight_and_init_ray(cfg: JobConfig, log=print, timeline: dict | None = None, then=None):
+    """The preflight, and Ray ready: (plan, ray, then(plan)). `then` runs right after the preflight,
+    before Ray is joined (the job's resume checks: a refused rerun never reaches a cluster either);
+    `timeline` gets the time the preflight and Ray were done.
+
+    Starting a local Ray is mostly waiting on the processes it spawns (about 4 s on an idle 2-core
+    machine); the preflight is mostly importing torch and transformers and loading the tokenizer
+    (about 3 s). When this process starts its own Ray the two run at once: the preflight in a
+    thread, ray.init in the main thread, where it installs its SIGTERM handler (from another
+    thread Ray warns and skips it). The cheap checks run first, so a wrong path, column or flag
+    never starts Ray; a preflight that fails later shuts down the Ray it overlapped with before
+    its one-line error is raised. When joining a cluster (RAY_ADDRESS, `ray job submit`) the
+    preflight runs first, as before: connecting is quick, and a wrong setting never reaches it.
+    (Importing ray.data in the thread too was tried: Ray Data then warned of "no available CPUs"
+    at the end of 2 runs in 3, so it is imported where it is used.)"""
+    import threading
+
+    timeline = {} if timeline is None else timeline
+    checked = check_input(cfg)
+    then = then or (lambda plan: None)
+    if not starts_local_ray():
+        plan = preflight(cfg, log, checked)
+        after = then(plan)
+        timeline["preflight_done"] = time.time()
+        ray = init_ray()
+        timeline["ray_ready"] = time.time()
+        return plan, ray, after
+    outcome = {}
+
+    def work():
+        try:
+            outcome["plan"] = preflight(cfg, log, checked)
+            outcome["after"] = then(outcome["plan"])
+            timeline["preflight_done"] = time.time()
+        except BaseException as e:  # noqa: BLE001 - raised again in the main thread, below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=work, name="adainfer-preflight", daemon=True)
+    thread.start()
+    ray = init_ray()
+    timeline["ray_ready"] = time.time()
+    thread.join()
+    if "error" in outcome:
+        ray.shutdown()
+        raise outcome["error"]
+    return outcome["plan"], ray, outcome["after"]
 
 
 @dataclass
@@ -725,22 +799,28 @@ def run_classify(cfg: JobConfig, log=print, started_at: float | None = None) -> 
 
     started_at = time.time() if started_at is None else started_at
     started = datetime.fromtimestamp(started_at, timezone.utc)
-    timeline = {}  # when the driver reached its steps (the actors report theirs to the run state)
-    plan = preflight(cfg, log)
-    timeline["preflight_done"] = time.time()
+    timeline = {}  # when the driver's steps were done (the actors report theirs to the run state)
+
+    def who_writes(plan):
+        # Who writes this output: a rerun that would mix labels of two kinds is refused (resume.py), before
+        # Ray as far as the flags tell: the dtype waits for the cluster, a --calibrate policy for calibration.
+        identity = {"model_hash": plan.model_hash, "task_fingerprint": plan.task.fingerprint()}
+        if not cfg.calibrate:
+            identity["policy_fingerprint"] = resume.policy_fingerprint(plan.policy)
+        return identity, resume.check_same_run(cfg.output, identity, cfg.overwrite, log)
+
+    own_ray = starts_local_ray()
+    plan, ray, (identity, previous) = preflight_and_init_ray(cfg, log, timeline, then=who_writes)
+    try:
+        res = plan_resources(cfg, ray)
+        identity["dtype"] = run_precision(res.device_kind, cfg.dtype)
+        resume.refuse_other_run(cfg.output, previous, identity)
+    except BaseException:
+        if own_ray:  # a refused run leaves no Ray behind either
+            ray.shutdown()
+        raise
     if not plan.has_id_column:
         log(f"no column {cfg.id_column!r} in the input: ids are derived as <file path under --input>:<row number>")
-    # Who writes this output: a rerun that would mix labels of two kinds is refused (resume.py), before
-    # Ray starts as far as the flags tell: the dtype waits for the cluster, a --calibrate policy for calibration.
-    identity = {"model_hash": plan.model_hash, "task_fingerprint": plan.task.fingerprint()}
-    if not cfg.calibrate:
-        identity["policy_fingerprint"] = resume.policy_fingerprint(plan.policy)
-    previous = resume.check_same_run(cfg.output, identity, cfg.overwrite, log)
-    ray = init_ray()
-    timeline["ray_ready"] = time.time()
-    res = plan_resources(cfg, ray)
-    identity["dtype"] = run_precision(res.device_kind, cfg.dtype)
-    resume.refuse_other_run(cfg.output, previous, identity)
     state = runstate.start(f"{started:%Y%m%dT%H%M%S}-{os.getpid()}")
     calibration, rows_seen = None, None
     if cfg.calibrate:
