@@ -176,6 +176,7 @@ class Classifier:
     def __init__(self, cfg: JobConfig, task, policy, threads: int | None = None, trace: bool = False,
                  audit_rate: float = 0.0, gold_one_based: bool = False, text_column: str = "text",
                  id_column: str | None = "id", keep_columns: tuple = (), run_state=None):
+        runstate.mark(run_state, "actor_start")  # the run's timeline (_run.json): where start-up time goes
         import torch
 
         from adainfer_ray.engine import EarlyExitEngine
@@ -196,6 +197,7 @@ class Classifier:
                                       reuse_prefix=cfg.reuse_prefix, max_batch_tokens=cfg.max_batch_tokens)
         self.run_state = run_state  # where this actor ran, and poison rows that end (runstate.py)
         runstate.register_actor(run_state)
+        runstate.mark(run_state, "actor_ready")
         self.calls = 0
 
     @classmethod
@@ -247,6 +249,9 @@ class Classifier:
         if self.trace:
             for key in TRACE_FEATURES + ("item_tokens",):  # one list per row, null where a row has no trace
                 table = table.append_column("trace_" + key, _list_column([tr and tr[key] for tr in traces]))
+        if self.calls == 1:  # the run keeps the earliest of its actors' first batches: first_labels_s
+            runstate.mark(self.run_state, "first_labels")
+        runstate.mark(self.run_state, "last_labels", last=True)  # labeling time: actor_ready to last_labels
         return table
 
     def _label(self, encoded, where, ids, rows, errors):
@@ -373,10 +378,18 @@ class Plan:
     embedded_rows: list | None = field(default=None, repr=False)  # the embedded corpus, read here
 
 
-def preflight(cfg: JobConfig, log=print) -> Plan:
-    """Every check that can fail fast runs here, on the driver, before Ray starts any actor. What is
-    wrong with the user's input or settings is raised as one of the errors jobs/*.py print as one
-    line (JobError, io.InputError, PolicyError, UnsupportedModelError, FileNotFoundError)."""
+@dataclass
+class CheckedInput:
+    """What check_input found: the input's files, their format and which optional columns they have."""
+
+    files: list[str]
+    roots: list[str]
+    format: str
+    present: dict[str, bool]
+
+
+def check_input(cfg: JobConfig) -> CheckedInput:
+    """The preflight's cheap half (milliseconds: paths, columns, flags), run before Ray starts at all."""
     from adainfer_ray.models import DTYPES
 
     _, files, roots = io.list_files(cfg.input)
@@ -397,6 +410,16 @@ def preflight(cfg: JobConfig, log=print) -> Plan:
     for ok, message in checks:
         if not ok:
             raise JobError(message)
+    return CheckedInput(files, roots, fmt, present)
+
+
+def preflight(cfg: JobConfig, log=print, checked: CheckedInput | None = None) -> Plan:
+    """Every check that can fail fast runs here, on the driver, before Ray starts any actor. What is
+    wrong with the user's input or settings is raised as one of the errors jobs/*.py print as one
+    line (JobError, io.InputError, PolicyError, UnsupportedModelError, FileNotFoundError).
+    `checked`: check_input's result, when it ran already."""
+    checked = checked or check_input(cfg)
+    files, roots, fmt, present = checked.files, checked.roots, checked.format, checked.present
 
     from transformers import AutoConfig, AutoTokenizer  # after the cheap checks: importing torch takes seconds
 
@@ -477,6 +500,62 @@ def init_ray():
         # Inside `ray job submit` RAY_ADDRESS points at the cluster; otherwise start a local Ray.
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, include_dashboard=False)
     return ray
+
+
+def starts_local_ray() -> bool:
+    """Whether init_ray will start a Ray of its own here (rather than join one: RAY_ADDRESS, or this
+    process already connected)."""
+    import ray
+
+    return not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+
+
+def preflight_and_init_ray(cfg: JobConfig, log=print, timeline: dict | None = None, then=None):
+    """The preflight, and Ray ready: (plan, ray, then(plan)). `then` runs right after the preflight,
+    before Ray is joined (the job's resume checks: a refused rerun never reaches a cluster either);
+    `timeline` gets the time the preflight and Ray were done.
+
+    Starting a local Ray is mostly waiting on the processes it spawns (about 4 s on an idle 2-core
+    machine); the preflight is mostly importing torch and transformers and loading the tokenizer
+    (about 3 s). When this process starts its own Ray the two run at once: the preflight in a
+    thread, ray.init in the main thread, where it installs its SIGTERM handler (from another
+    thread Ray warns and skips it). The cheap checks run first, so a wrong path, column or flag
+    never starts Ray; a preflight that fails later shuts down the Ray it overlapped with before
+    its one-line error is raised. When joining a cluster (RAY_ADDRESS, `ray job submit`) the
+    preflight runs first, as before: connecting is quick, and a wrong setting never reaches it.
+    (Importing ray.data in the thread too was tried: Ray Data then warned of "no available CPUs"
+    at the end of 2 runs in 3, so it is imported where it is used.)"""
+    import threading
+
+    timeline = {} if timeline is None else timeline
+    checked = check_input(cfg)
+    then = then or (lambda plan: None)
+    if not starts_local_ray():
+        plan = preflight(cfg, log, checked)
+        after = then(plan)
+        timeline["preflight_done"] = time.time()
+        ray = init_ray()
+        timeline["ray_ready"] = time.time()
+        return plan, ray, after
+    outcome = {}
+
+    def work():
+        try:
+            outcome["plan"] = preflight(cfg, log, checked)
+            outcome["after"] = then(outcome["plan"])
+            timeline["preflight_done"] = time.time()
+        except BaseException as e:  # noqa: BLE001 - raised again in the main thread, below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=work, name="adainfer-preflight", daemon=True)
+    thread.start()
+    ray = init_ray()
+    timeline["ray_ready"] = time.time()
+    thread.join()
+    if "error" in outcome:
+        ray.shutdown()
+        raise outcome["error"]
+    return outcome["plan"], ray, outcome["after"]
 
 
 @dataclass
@@ -711,25 +790,37 @@ def _trace_column(column, num_layers: int) -> np.ndarray:
 # -- the job ------------------------------------------------------------------------------------------
 
 
-def run_classify(cfg: JobConfig, log=print) -> dict:
-    """Run the whole job; returns the run record that is also written as the sidecar."""
+def run_classify(cfg: JobConfig, log=print, started_at: float | None = None) -> dict:
+    """Run the whole job; returns the run record that is also written as the sidecar.
+
+    started_at: when the command started (time.time()), so that wall_s and the start-up timeline
+    count what the user waits for, imports included; default: now."""
     from adainfer_ray import report
 
-    started = datetime.now(timezone.utc)
-    t0 = time.perf_counter()
-    plan = preflight(cfg, log)
+    started_at = time.time() if started_at is None else started_at
+    started = datetime.fromtimestamp(started_at, timezone.utc)
+    timeline = {}  # when the driver's steps were done (the actors report theirs to the run state)
+
+    def who_writes(plan):
+        # Who writes this output: a rerun that would mix labels of two kinds is refused (resume.py), before
+        # Ray as far as the flags tell: the dtype waits for the cluster, a --calibrate policy for calibration.
+        identity = {"model_hash": plan.model_hash, "task_fingerprint": plan.task.fingerprint()}
+        if not cfg.calibrate:
+            identity["policy_fingerprint"] = resume.policy_fingerprint(plan.policy)
+        return identity, resume.check_same_run(cfg.output, identity, cfg.overwrite, log)
+
+    own_ray = starts_local_ray()
+    plan, ray, (identity, previous) = preflight_and_init_ray(cfg, log, timeline, then=who_writes)
+    try:
+        res = plan_resources(cfg, ray)
+        identity["dtype"] = run_precision(res.device_kind, cfg.dtype)
+        resume.refuse_other_run(cfg.output, previous, identity)
+    except BaseException:
+        if own_ray:  # a refused run leaves no Ray behind either
+            ray.shutdown()
+        raise
     if not plan.has_id_column:
         log(f"no column {cfg.id_column!r} in the input: ids are derived as <file path under --input>:<row number>")
-    # Who writes this output: a rerun that would mix labels of two kinds is refused (resume.py), before
-    # Ray starts as far as the flags tell: the dtype waits for the cluster, a --calibrate policy for calibration.
-    identity = {"model_hash": plan.model_hash, "task_fingerprint": plan.task.fingerprint()}
-    if not cfg.calibrate:
-        identity["policy_fingerprint"] = resume.policy_fingerprint(plan.policy)
-    previous = resume.check_same_run(cfg.output, identity, cfg.overwrite, log)
-    ray = init_ray()
-    res = plan_resources(cfg, ray)
-    identity["dtype"] = run_precision(res.device_kind, cfg.dtype)
-    resume.refuse_other_run(cfg.output, previous, identity)
     state = runstate.start(f"{started:%Y%m%dT%H%M%S}-{os.getpid()}")
     calibration, rows_seen = None, None
     if cfg.calibrate:
@@ -760,9 +851,14 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
     _write(ds, cfg.output, started)
     if not io.output_files(cfg.output):  # no rows at all: still leave a table that every reader can open
         io.write_parquet(cfg.output, "empty.parquet", OUTPUT_SCHEMA.empty_table())
-    wall = time.perf_counter() - t0
-    actor_nodes, engine_s = ray.get([state.actor_nodes.remote(), state.engine_seconds.remote()])
+    wall = time.time() - started_at
+    actor_nodes, engine_s, marks = ray.get([state.actor_nodes.remote(), state.engine_seconds.remote(),
+                                            state.marks.remote()])
     ray.kill(state)
+    # Seconds from the command's start to each step: where the start-up goes, and the labeling's span.
+    timeline = {f"{event}_s": at - started_at
+                for event, at in sorted({**timeline, **marks}.items(), key=lambda item: item[1])}
+    first_labels_s = timeline.get("first_labels_s")  # None when no row needed labeling
     summary = report.summarize_run([cfg.output])
     if summary["rows"] == 0:
         log(f"the input holds no rows: {cfg.output} holds an empty table (empty.parquet) and {SIDECAR_NAME}")
@@ -774,7 +870,8 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
     this_run = {**runs[-1], "end_time": datetime.now(timezone.utc).isoformat(), "wall_s": wall,
                 "rows_this_run": summary["rows"] - resumed, "gpu_name": _gpu_name() if res.gpus_per_actor else None,
                 "num_gpus": res.gpus_per_actor * res.max_actors, "num_actors": cfg.actors, "max_actors": res.max_actors,
-                "engine_s": engine_s, "actor_nodes": actor_nodes}
+                "engine_s": engine_s, "actor_nodes": actor_nodes, "first_labels_s": first_labels_s,
+                "timeline": timeline}
     record = {
         **identity, "runs": runs[:-1] + [this_run], "actor_nodes": actor_nodes,
         "model": plan.model_id, "policy": calibration.folder if calibration else cfg.policy,
@@ -782,7 +879,8 @@ def run_classify(cfg: JobConfig, log=print) -> dict:
         "promise": policy.promise, "task": plan.task.to_dict(), "template": plan.task.template,
         "labels": list(plan.task.labels), "flags": asdict(cfg), "ray_version": ray.__version__,
         "device": res.device_kind, "gpu_name": this_run["gpu_name"], "num_gpus": this_run["num_gpus"],
-        "num_actors": cfg.actors, "max_actors": res.max_actors, "engine_s": engine_s, "audit_rate": audit_rate, "start_time": started.isoformat(),
+        "num_actors": cfg.actors, "max_actors": res.max_actors, "engine_s": engine_s, "audit_rate": audit_rate,
+        "first_labels_s": first_labels_s, "start_time": started.isoformat(),
         "end_time": this_run["end_time"], "wall_s": wall, "rows_this_run": this_run["rows_this_run"],
         "resumed_rows": resumed, "rows": summary["rows"], "errors": summary["error_rows"],
         "rows_per_s": this_run["rows_this_run"] / wall if wall else None, "output": cfg.output, "summary": summary,

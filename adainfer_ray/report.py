@@ -1208,7 +1208,9 @@ def job_summary(record: dict) -> str:
         lines.append(line)
     if record.get("rows_per_s") is not None:
         lines.append(f"{_num(record['rows_per_s'], 1)} rows/s over {_num(record['wall_s'], 1)} s on "
-                     f"{record['device']} ({record.get('dtype')})")
+                     f"{record['device']} ({record.get('dtype')})"
+                     + (f"; first labeled batch {_num(record['first_labels_s'], 1)} s after the start"
+                        if record.get("first_labels_s") is not None else ""))
     lines.append(f"output: {record['output']} (Parquet files + {SIDECAR_NAME})")
     return "\n".join(lines)
 

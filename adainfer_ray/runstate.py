@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 
 ROW_KILL_LIMIT = 2  # deaths of a model actor while one row ran, before that row is given up
 
 
 class RunState:
-    """The named actor (one per run, zero CPUs): attempts per block, the row in flight, node ids."""
+    """The named actor (one per run, zero CPUs): attempts per block, the row in flight, node ids,
+    and when the model actors reached each step of the run (its timeline: start-up, first and last labels)."""
 
     def __init__(self):
         self.attempts: dict[str, int] = {}
@@ -32,6 +34,7 @@ class RunState:
         self.kills: dict[str, dict[int, int]] = {}  # block -> row -> actor deaths while it ran
         self.nodes: dict[str, int] = {}  # node id -> model actors started there
         self.engine_s = 0.0  # seconds the model actors spent inside the engine, summed
+        self.times: dict[str, float] = {}  # event -> wall-clock time (time.time()): the first actor's, or the last's
 
     def add_actor(self, node_id: str) -> None:
         self.nodes[node_id] = self.nodes.get(node_id, 0) + 1
@@ -44,6 +47,12 @@ class RunState:
 
     def engine_seconds(self) -> float:
         return self.engine_s
+
+    def mark(self, event: str, at: float, last: bool = False) -> None:
+        self.times[event] = (max if last else min)(at, self.times.get(event, at))
+
+    def marks(self) -> dict[str, float]:
+        return dict(self.times)
 
     def begin(self, block: str) -> tuple[int, dict[int, int]]:
         """A model actor starts `block`: returns (attempt number, actor deaths per row so far)."""
@@ -82,6 +91,15 @@ def add_engine_time(state, seconds: float) -> None:
     """Model time of one call (the report prices full depth from it, not from whole wall time)."""
     if state is not None:
         state.add_engine_seconds.remote(seconds)
+
+
+def mark(state, event: str, last: bool = False) -> None:
+    """A model actor reached `event` ("actor_start", "actor_ready", "first_labels", "last_labels")
+    now: the run keeps the earliest time, or with last=True the latest. Wall-clock time, so that the
+    driver can count it from the command's start; on a cluster it carries the skew between the
+    nodes' clocks (NTP: milliseconds)."""
+    if state is not None:
+        state.mark.remote(event, time.time(), last)
 
 
 def block_key(ids) -> str:

@@ -31,4 +31,7 @@ OUTPUT_COLUMNS = OUTPUT_SCHEMA.names
 SIDECAR_NAME = "_run.json"
 # Keys it holds: model, model_hash, policy, task, template, labels, flags, ray_version,
 # device ("cpu" / "cuda"), gpu_name (or null), num_gpus (GPUs the job held), num_actors,
-# start_time, end_time (ISO 8601 UTC), wall_s, rows, errors, rows_per_s, output.
+# start_time, end_time (ISO 8601 UTC), wall_s, rows, errors, rows_per_s, output; first_labels_s
+# (seconds from the command's start until the first batch of labels was done) and, per run, timeline
+# (seconds from the command's start to each step: preflight done, Ray ready, first actor started, its
+# model loaded, first and last batch labeled).

@@ -43,10 +43,9 @@ def parse_args(argv=None):
 
 def calibrate(cfg, folder: str, command: str) -> int:
     from adainfer_ray import runstate
-    from adainfer_ray.pipeline import calibrate_policy, init_ray, plan_resources, preflight
+    from adainfer_ray.pipeline import calibrate_policy, plan_resources, preflight_and_init_ray
 
-    plan = preflight(cfg)
-    ray = init_ray()
+    plan, ray, _ = preflight_and_init_ray(cfg)
     state = runstate.start(f"calibrate-{os.getpid()}")  # poison rows end here too
     calibration = calibrate_policy(cfg, plan, ray, plan_resources(cfg, ray), folder, cfg.calibrate,
                                    command=command, run_state=state)

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from adainfer_ray.pipeline import Classifier, JobConfig, audit_mask, run_classify
+from adainfer_ray.report import job_summary
 from adainfer_ray.schema import OUTPUT_SCHEMA, SIDECAR_NAME
 from conftest import review_texts
 
@@ -95,6 +96,13 @@ def test_job_labels_every_row_once_with_the_output_schema(ray_connected, tiny_mo
                 "rows", "rows_per_s", "errors"):
         assert key in side
     assert side["errors"] == 2 and side["summary"]["gold_accuracy"]["rows"] == 118
+    # The start-up timeline is recorded, in order (its values are timings: only their plausibility is tested).
+    timeline = side["runs"][-1]["timeline"]
+    assert 0 < side["first_labels_s"] <= side["wall_s"] and side["runs"][-1]["first_labels_s"] == side["first_labels_s"]
+    assert timeline["first_labels_s"] == side["first_labels_s"]
+    assert 0 < timeline["preflight_done_s"] < timeline["actor_start_s"] <= timeline["actor_ready_s"] \
+        <= timeline["first_labels_s"] <= timeline["last_labels_s"] <= side["wall_s"]
+    assert f"first labeled batch {side['first_labels_s']:.1f} s after the start" in job_summary(side)
 
 
 def test_memory_uris_in_and_out(ray_connected, tiny_model_dir):

@@ -335,7 +335,7 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch):
     """Only errors in what the user gave become one line; a bug must stay debuggable."""
     import adainfer_ray.pipeline as pipeline
 
-    def boom(cfg):
+    def boom(cfg, **_):  # run_classify(cfg, started_at=...)
         raise ValueError("a bug, not bad input")
 
     monkeypatch.setattr(pipeline, "run_classify", boom)
@@ -348,7 +348,7 @@ def test_user_errors_raised_inside_ray_tasks_still_print_one_line(monkeypatch, c
 
     import adainfer_ray.pipeline as pipeline
 
-    def fails_in_a_task(cfg):
+    def fails_in_a_task(cfg, **_):
         cause = io.InputError("cannot read x.parquet as parquet: Corrupt snappy\ncompressed data")
         wrapped = ray.exceptions.RayTaskError("read", "Traceback (most recent call last):\n  ...", cause)
         raise wrapped.as_instanceof_cause()
@@ -708,3 +708,34 @@ def test_memory_stays_bounded_while_100k_rows_stream_through(tinier_model_dir, t
           f"while the first quarter was written, {late:.0f} MB after half, {max(mb for _, mb in samples):.0f} MB "
           f"overall (including start and shutdown)")
     assert late - early < 80, f"memory grew by {late - early:.0f} MB from the first quarter of the rows to the end"
+
+
+def test_a_preflight_that_fails_beside_a_starting_ray_prints_one_line_and_leaves_no_ray(tiny_model_dir, tmp_path):
+    """Without RAY_ADDRESS the job starts its own Ray while the preflight runs (pipeline.preflight_and_init_ray):
+    a setting found wrong there still ends in one line, and the Ray started alongside is shut down."""
+    ray_tmp = tempfile.mkdtemp(prefix="rf-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    write_jsonl(tmp_path / "in.jsonl", [{"id": "r0", "text": "a fine film"}])
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "jobs/classify.py", "--input", str(tmp_path / "in.jsonl"), "--model",
+                        str(tiny_model_dir), "--policy", str(tmp_path / "no-policy"), "--output", str(tmp_path / "out")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env={**env, "RAY_TMPDIR": ray_tmp})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: cannot read exit policy") and "Traceback" not in r.stderr
+    assert os.listdir(ray_tmp)  # a Ray did start, beside the preflight
+
+    def ray_processes():
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    found += [pid] if ray_tmp.encode() in f.read() else []
+            except OSError:  # gone meanwhile
+                pass
+        return found
+
+    for _ in range(20):  # shut down before the error was raised; allow the kernel a moment to reap
+        if not ray_processes():
+            break
+        time.sleep(0.5)
+    assert not ray_processes()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
