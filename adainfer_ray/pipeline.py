@@ -126,6 +126,11 @@ def checked_policy(spec: str, model: str, task, model_hash: str, num_layers: int
     return policy
 
 
+def corpus_audit_rate(cfg: JobConfig, rows: int) -> float:
+    """The share of a `rows`-row corpus the job audits: --audit-fraction, or enough for --audit-rows."""
+    return max(cfg.audit_fraction, min(1.0, cfg.audit_rows / max(1, rows)))
+
+
 def audit_mask(ids, fraction: float, seed: int) -> np.ndarray:
     """A seeded, stable sample: the same ids are audited in every run and on every retry."""
     if fraction <= 0:
@@ -530,13 +535,6 @@ def preflight_and_init_ray(cfg: JobConfig, log=print, timeline: dict | None = No
     timeline = {} if timeline is None else timeline
     checked = check_input(cfg)
     then = then or (lambda plan: None)
-    if not starts_local_ray():
-        plan = preflight(cfg, log, checked)
-        after = then(plan)
-        timeline["preflight_done"] = time.time()
-        ray = init_ray()
-        timeline["ray_ready"] = time.time()
-        return plan, ray, after
     outcome = {}
 
     def work():
@@ -547,12 +545,17 @@ def preflight_and_init_ray(cfg: JobConfig, log=print, timeline: dict | None = No
         except BaseException as e:  # noqa: BLE001 - raised again in the main thread, below
             outcome["error"] = e
 
+    own_ray = starts_local_ray()
     thread = threading.Thread(target=work, name="adainfer-preflight", daemon=True)
     thread.start()
+    if not own_ray:  # joining a cluster: the preflight first, so that a wrong setting never reaches it
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
     ray = init_ray()
     timeline["ray_ready"] = time.time()
     thread.join()
-    if "error" in outcome:
+    if "error" in outcome:  # only a Ray of our own can be here: shut it down before the one-line error
         ray.shutdown()
         raise outcome["error"]
     return outcome["plan"], ray, outcome["after"]
@@ -843,8 +846,7 @@ def run_classify(cfg: JobConfig, log=print, started_at: float | None = None) -> 
         rows_seen = (sum(len(t) for t in plan.embedded_rows) if plan.embedded_rows is not None
                      else io.estimate_rows(plan.files, plan.format))
         rows_seen = min(rows_seen, cfg.limit) if cfg.limit is not None else rows_seen
-    audit_rate = 0.0 if plan.policy.never_exits else \
-        max(cfg.audit_fraction, min(1.0, cfg.audit_rows / max(1, rows_seen)))
+    audit_rate = 0.0 if plan.policy.never_exits else corpus_audit_rate(cfg, rows_seen)
     ds = read_dataset(cfg, plan, ray, done)
     ds = _map_classifier(ds, cfg, plan.task, plan.policy, res, audit_rate=audit_rate,
                          gold_one_based=plan.gold_one_based, run_state=state)

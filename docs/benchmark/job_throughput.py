@@ -34,36 +34,31 @@ AUDITS = {"default audit": [], "no audit": ["--audit-fraction", "0", "--audit-ro
 
 
 def job_rows(cfg):
-    """The rows the job labels, read as it reads them: ids, texts, in input order, after --limit."""
+    """The rows the job labels, read as it reads them (the preflight's input check, the pipeline's
+    one per-file reader): ids, texts, in input order, after --limit."""
     import pyarrow as pa
 
-    from adainfer_ray import io
+    from adainfer_ray.pipeline import _read_file, check_input
 
-    _, files, roots = io.list_files(cfg.input)
-    fmt = io.detect_format(files[0], cfg.format)
-    tables = [t for f, r in zip(files, roots)
-              for t in io.read_rows(f, fmt, cfg.text_column, None, cfg.label_column, root=r)]
+    checked = check_input(cfg)
+    tables = [t for f, r in zip(checked.files, checked.roots)
+              for t in _read_file(f, r, checked.format, cfg, checked.present["--id-column"])]
     table = pa.concat_tables(tables).slice(0, cfg.limit)
     ok = [e is None for e in table.column("input_error").to_pylist()]
     return ([i for i, k in zip(table.column("id").to_pylist(), ok) if k],
             [t for t, k in zip(table.column("text").to_pylist(), ok) if k])
 
 
-def audit_rate(cfg, rows: int) -> float:
-    """The job's audit rate (pipeline.run_classify) for a corpus of `rows` rows."""
-    return max(cfg.audit_fraction, min(1.0, cfg.audit_rows / max(1, rows)))
-
-
 def engine_items_per_s(cfg, ids, texts, threads: int) -> dict:
     import torch
 
-    from adainfer_ray.pipeline import Classifier, audit_mask
+    from adainfer_ray.pipeline import Classifier, audit_mask, corpus_audit_rate
 
     torch.set_num_threads(threads)
     actor = Classifier.from_config(cfg, threads=threads)  # model, encoder, engine and policy as the actor has them
     out = {}
     for name, flags in AUDITS.items():
-        rate = audit_rate(cfg, len(ids)) if not flags else 0.0
+        rate = corpus_audit_rate(cfg, len(ids)) if not flags else 0.0
         audit = audit_mask(ids, rate, cfg.seed)
         batches = [slice(i, i + cfg.batch_size) for i in range(0, len(ids), cfg.batch_size)]
         warm = actor.encoder.encode(texts[batches[0]])
