@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from adainfer_ray import models
 from adainfer_ray.models import load_model, model_fingerprint, pick_device, resolve_model_dir
+from adainfer_ray.models import sources  # private names are patched where they are looked up
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,7 +117,7 @@ def write_gguf(path: Path, hf_dir: Path):
 
     cfg = AutoConfig.from_pretrained(hf_dir)
     w = {k: v.float().numpy() for k, v in load_file(hf_dir / "model.safetensors").items()}
-    reader = gguf.GGUFReader(models.default_gguf_path())
+    reader = gguf.GGUFReader(sources.default_gguf_path())
     out = gguf.GGUFWriter(str(path), "llama")
     for f in reader.fields.values():
         if f.name.startswith(("tokenizer.", "general.name")):
@@ -184,7 +184,8 @@ def test_fingerprint_is_cached_and_follows_the_weights(tiny_model_dir, tmp_path,
     def no_reading(*a, **k):
         raise AssertionError("the weights were read again")
 
-    monkeypatch.setattr(models, "open", no_reading, raising=False)
+    # `open` as model_fingerprint looks it up: in sources' globals (patching the package would test nothing)
+    monkeypatch.setattr(sources, "open", no_reading, raising=False)
     assert model_fingerprint(folder) == first  # from the cache: not a byte of the weights read
     monkeypatch.undo()
     monkeypatch.setenv("ADAINFER_CACHE", str(own_cache))

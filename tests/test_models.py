@@ -66,6 +66,21 @@ def test_unknown_architecture_names_the_supported_ones():
         family_of("mamba")
 
 
+def test_the_package_keeps_the_names_its_callers_import():
+    """`models` is a package (sources, layers, load): the names the job, engine, benchmark and tests
+    import from `adainfer_ray.models` stay there, as the very objects the submodules define."""
+    from adainfer_ray import models
+    from adainfer_ray.models import layers, load, sources
+
+    homes = {sources: ["DEFAULT_MODEL", "model_id", "resolve_model_dir", "model_fingerprint", "cache_dir",
+                       "default_gguf_path", "convert_gguf", "ensure_default_model", "UnsupportedModelError"],
+             layers: ["Packed", "attention", "DecoderLM", "family_of", "SUPPORTED_MODEL_TYPES"],
+             load: ["load_model", "wrap_model", "pick_device", "DTYPES"]}
+    for module, names in homes.items():
+        for name in names:
+            assert getattr(models, name) is getattr(module, name), (module.__name__, name)
+
+
 def test_remote_code_folder_is_refused_without_flag(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama", "auto_map": {"AutoModelForCausalLM": "x.Model"}}')
     with pytest.raises(UnsupportedModelError, match="trust-remote-code"):

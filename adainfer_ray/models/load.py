@@ -1,0 +1,63 @@
+"""Loading: the one place that joins a source (`sources.resolve_model_dir`: a local folder of
+weights) to a family (`layers.family_of`), on a device and in a dtype."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from adainfer_ray.models.errors import UnsupportedModelError
+from adainfer_ray.models.layers import DecoderLM, family_of
+from adainfer_ray.models.sources import model_fingerprint, model_id, resolve_model_dir
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def pick_device(device: str | None = None, dtype: str | None = "auto") -> tuple[torch.device, torch.dtype]:
+    """The device, and the weights' dtype: `auto` is CUDA with bf16 (fp16 on GPUs without bf16), CPU with fp32."""
+    if dtype in (None, ""):
+        dtype = "auto"
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if device in (None, "", "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dtype != "auto":
+        return dev, getattr(torch, dtype)
+    if dev.type == "cuda":
+        return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return dev, torch.float32
+
+
+
+def wrap_model(model, tokenizer, model_id: str = "custom", model_hash: str = "") -> DecoderLM:
+    """Wrap an already-built HF causal LM (tests build tiny random ones from a config)."""
+    cfg = model.config
+    if cfg.model_type == "gpt2" and (cfg.scale_attn_by_inverse_layer_idx or cfg.reorder_and_upcast_attn):
+        raise UnsupportedModelError("GPT-2 variants with per-layer attention scaling are not supported")
+    if getattr(cfg.get_text_config(), "use_bidirectional_attention", False):
+        raise UnsupportedModelError("bidirectional (embedding) variants are not decoders: not supported")
+    return family_of(cfg.model_type)(model.eval(), tokenizer, model_id, model_hash)
+
+
+def load_model(name_or_uri: str | None = None, device: str | None = None, dtype: str = "auto",
+               trust_remote_code: bool = False) -> DecoderLM:
+    """Load `name_or_uri` (default: the embedded SmolLM2-135M-Instruct) ready for layer-by-layer runs.
+    dtype: one of DTYPES; `auto` is fp32 on CPU, bf16 (fp16 without bf16 support) on CUDA."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dev, torch_dtype = pick_device(device, dtype)  # a bad --dtype fails before any file is read
+    model_dir = resolve_model_dir(name_or_uri)
+    config_json = json.loads((model_dir / "config.json").read_text())
+    if config_json.get("auto_map") and not trust_remote_code:
+        raise UnsupportedModelError(
+            f"{model_dir} asks to run its own Python code (auto_map in config.json); "
+            "refused by default: pass --trust-remote-code only if you trust its source"
+        )
+    family_of(config_json.get("model_type", "?"))  # a clear error before any weights load
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch_dtype,
+                                                 trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    return wrap_model(model.to(dev), tokenizer, model_id(name_or_uri), model_fingerprint(model_dir))
