@@ -13,7 +13,7 @@ import json
 import os
 
 from adainfer_ray.calibrate import CalibrationResult
-from adainfer_ray.report import _pct  # one number format for every report
+from adainfer_ray.report.text import fmt_pct as _pct  # one number format for every report
 
 
 def _table(rows: list[dict], has_gold: bool) -> list[str]:
