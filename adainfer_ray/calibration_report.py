@@ -13,20 +13,18 @@ import json
 import os
 
 from adainfer_ray.calibrate import CalibrationResult
-from adainfer_ray.report import _pct  # one number format for every report
+from adainfer_ray.report.plots import new_figure  # one plot style for every report
+from adainfer_ray.report.text import fmt_pct as _pct  # one number format for every report
+from adainfer_ray.report.text import markdown_table
 
 
 def _table(rows: list[dict], has_gold: bool) -> list[str]:
-    head = "| threshold | exits early | layers skipped | FLOPs saved | agreement | disagreements | p-value | accepted |"
-    if has_gold:
-        head += " accuracy |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        line = (f"| {r['threshold']:.4f} | {_pct(r['exit_early_share'])} | {_pct(r['layers_skipped'])} | "
-                f"{_pct(r['flops_saved'])} | {_pct(r['agreement'], 2)} | {r['disagreements']} | "
-                f"{r['p_value']:.3g} | {'yes' if r['accepted'] else ''} |")
-        lines.append(line + (f" {_pct(r['accuracy'], 2)} |" if has_gold else ""))
-    return lines
+    header = ["threshold", "exits early", "layers skipped", "FLOPs saved", "agreement", "disagreements", "p-value",
+              "accepted"] + (["accuracy"] if has_gold else [])
+    return markdown_table(header, [
+        [f"{r['threshold']:.4f}", _pct(r["exit_early_share"]), _pct(r["layers_skipped"]), _pct(r["flops_saved"]),
+         _pct(r["agreement"], 2), r["disagreements"], f"{r['p_value']:.3g}", "yes" if r["accepted"] else ""]
+        + ([_pct(r["accuracy"], 2)] if has_gold else []) for r in rows])
 
 
 def _rows_to_show(rows: list[dict], every: int = 10) -> list[dict]:
@@ -66,13 +64,11 @@ def render_markdown(result: CalibrationResult) -> str:
                   "Per mode, the threshold with the most layers skipped whose accuracy on the test part is at most "
                   "1 point below full depth "
                   f"({_pct(s['full_depth_accuracy'], 2)} on {s['gold_items']} items). Chosen and measured on the same "
-                  "items, so optimistic.", "",
-                  "| mode | threshold | layers skipped | FLOPs saved | agreement | accuracy |",
-                  "|---|---|---|---|---|---|"]
-        for mode, r in s["paper_criterion"].items():
-            lines.append(f"| {mode} | — | — | — | — | — |" if r is None else
-                         f"| {mode} | {r['threshold']:.4f} | {_pct(r['layers_skipped'])} | {_pct(r['flops_saved'])} | "
-                         f"{_pct(r['agreement'], 2)} | {_pct(r['accuracy'], 2)} |")
+                  "items, so optimistic.", ""]
+        lines += markdown_table(["mode", "threshold", "layers skipped", "FLOPs saved", "agreement", "accuracy"], [
+            [mode] + ["—"] * 5 if r is None else
+            [mode, f"{r['threshold']:.4f}", _pct(r["layers_skipped"]), _pct(r["flops_saved"]), _pct(r["agreement"], 2),
+             _pct(r["accuracy"], 2)] for mode, r in s["paper_criterion"].items()])
         lines.append("")
     lines += ["## Every mode", "",
               "Candidate thresholds from the most conservative down (every 10th shown, plus the last accepted "
@@ -87,13 +83,8 @@ def render_markdown(result: CalibrationResult) -> str:
 
 
 def plot_savings(result: CalibrationResult, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     s = result.summary
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_figure(7.0, 4.5)
     for mode in dict.fromkeys(r["mode"] for r in result.rows):
         rows = [r for r in result.rows if r["mode"] == mode]
         label = f"{mode}: {rows[0]['rule']}, min_layer {rows[0]['min_layer']}"
@@ -108,9 +99,7 @@ def plot_savings(result: CalibrationResult, path: str) -> None:
     ax.set_title("Savings against agreement (dots: last threshold accepted by Learn-then-Test)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.savefig(path)
 
 
 def write_report(result: CalibrationResult, folder: str) -> str:

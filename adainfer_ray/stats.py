@@ -2,8 +2,9 @@
 
 Both answer questions about a share of disagreements between early exit and the full model:
 calibration asks "is the risk above epsilon?" (a p-value), every run's audit asks "how high can
-the risk be, given what this sample shows?" (a one-sided upper confidence bound). Leaf module:
-numpy and, when present, scipy.
+the risk be, given what this sample shows?" (a one-sided upper confidence bound). Reports add a
+two-sided Wilson interval to every share they print (`proportion`). Leaf module: numpy and, when
+present, scipy.
 """
 
 from __future__ import annotations
@@ -76,3 +77,42 @@ def lower_bound(k: int, n: int, confidence: float = 0.95) -> float | None:
 def rows_to_confirm(epsilon: float, confidence: float = 0.95) -> int:
     """The fewest audited rows whose bound can fall below epsilon (when none disagrees)."""
     return math.ceil(math.log(1 - confidence) / math.log1p(-epsilon))
+
+
+Z_95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def ratio(numerator, denominator) -> float | None:
+    """numerator / denominator as a plain float, or None when the denominator is 0 or missing."""
+    if numerator is None or not denominator:
+        return None
+    return float(numerator) / float(denominator)
+
+
+def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float] | None:
+    """Wilson score interval for a proportion (95% by default); None when there are no trials.
+
+    Chosen over the plain normal interval because audits are often small or near 100% agreement,
+    where the normal interval leaves [0, 1] or collapses to a point.
+    """
+    if trials <= 0:
+        return None
+    p = successes / trials
+    z2 = z * z
+    center = (p + z2 / (2 * trials)) / (1 + z2 / trials)
+    half_width = z * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials)) / (1 + z2 / trials)
+    return max(0.0, center - half_width), min(1.0, center + half_width)
+
+
+def proportion(successes: int, trials: int) -> dict:
+    """A proportion with its 95% Wilson interval, as it appears in summary.json."""
+    interval = wilson_interval(successes, trials)
+    return {
+        "rows": int(trials),
+        "successes": int(successes),
+        "share": ratio(successes, trials),
+        "ci95_low": interval[0] if interval else None,
+        "ci95_high": interval[1] if interval else None,
+        "interval": "wilson",
+    }
+

@@ -6,7 +6,7 @@ logits_to_keep=1; as context (a) plain transformers forward (a': logits_to_keep=
 at full depth (b': with shared-prefix reuse), (c) early exit with fixed batches, (d) early exit
 with depth regrouping, (e) (d) plus shared-prefix reuse; and a large matmul for the machine's rate.
 Writes benchmark.json and benchmark.md into --out. Argument parsing only; the work is in
-`adainfer_ray.benchmark`. On CUDA it uses the GPU (bf16) and says so. `--shape NAME` runs the same
+`adainfer_ray.bench`. On CUDA it uses the GPU (bf16) and says so. `--shape NAME` runs the same
 settings on a random-weight model of a real shape with exit depths replayed from a real run.
 """
 
@@ -20,7 +20,7 @@ try:
 except ImportError:  # run from a checkout without installing: put the repo root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from adainfer_ray import benchmark as bench
+from adainfer_ray import bench
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,15 +44,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--policy", default="default",
                         help="exit policy: `default` (the shipped adainfer_ray/data/policies/"
                              "smollm2-135m-sentiment; an error if it is missing), a policy folder, or `fit` "
-                             "(fit a quick stand-in on --fit-data now and save it under --out)")
+                             "(calibrate one on --fit-data now, as classify --calibrate does, and save it under --out)")
     parser.add_argument("--fit-data", default=bench.DEFAULT_FIT_DATA,
-                        help="with --policy fit: labeled data to fit the stand-in policy on (never the "
+                        help="with --policy fit: labeled data to calibrate the policy on (never the "
                              "evaluation data)")
     parser.add_argument("--fit-limit", type=int, default=400,
                         help="with --policy fit: how many --fit-data rows to trace (--quick: at most 40)")
     parser.add_argument("--fit-agreement", type=float, default=0.99,
-                        help="with --policy fit: agreement with the full-depth answer the threshold must keep "
-                             "on the held-out half of the fit items")
+                        help="with --policy fit: agreement with the full-depth answer the policy must keep "
+                             "(calibrate's epsilon = 1 - this, tested on the held-out half of the fit items)")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=None,

@@ -1,7 +1,8 @@
 """`jobs/benchmark.py --quick` runs end to end and writes sane numbers (never checks speed).
 
 The model is a tiny random Llama saved as a local folder with the default model's tokenizer, so the
-smoke test takes seconds; the exit policy is a stand-in fitted by the benchmark itself (--policy fit).
+smoke test takes seconds; the exit policy is calibrated by the benchmark itself (--policy fit, through
+`calibrate.calibrate`, as `classify --calibrate` does).
 """
 
 import json
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from adainfer_ray.benchmark import QUICK_ITEMS, SETTINGS
+from adainfer_ray.bench import QUICK_ITEMS, SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = ("items_per_s", "speedup_vs_ref", "speedup_vs_ref_paired", "mean_exit_layer", "ideal_speedup", "realized_fraction",
@@ -125,20 +126,21 @@ def test_shape_run_replays_exit_depths_on_a_random_model(tmp_path, tiny_model_di
     assert result["settings"]["engine_full_prefix"]["agreement"] == 1.0  # same model, same answers as (r)
 
 
-def test_default_policy_missing_fails_clearly_or_loads(tmp_path, tiny_model_dir, tiny_tsv):
-    """`--policy default` names the shipped folder when it is missing (and never a traceback)."""
-    from adainfer_ray.benchmark import DEFAULT_POLICY_DIR
+def test_policy_for_another_model_fails_clearly(tmp_path, tiny_model_dir, tiny_tsv):
+    """The benchmark takes --policy as the job does: `default` for a model that ships none, and the
+    shipped folder given to another model, each end in a one-line error naming why (never a traceback)."""
+    from adainfer_ray.bench import DEFAULT_POLICY_DIR
 
-    cmd = [sys.executable, str(ROOT / "jobs" / "benchmark.py"), "--quick", "--model", str(tiny_model_dir),
-           "--data", str(tiny_tsv), "--out", str(tmp_path / "b")]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode != 0  # missing: a clear error; present: made for another model, refused
-    assert "Traceback" not in proc.stderr
-    if not (DEFAULT_POLICY_DIR / "policy.json").exists():
-        assert "shipped default exit policy" in proc.stderr and "--policy" in proc.stderr
-    else:
-        assert "recalibrate" in proc.stderr or "policy" in proc.stderr
+    def stderr_of(policy):
+        cmd = [sys.executable, str(ROOT / "jobs" / "benchmark.py"), "--quick", "--model", str(tiny_model_dir),
+               "--data", str(tiny_tsv), "--policy", policy, "--out", str(tmp_path / "b")]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        return proc.stderr
+
+    assert f"error: no exit policy ships for model {str(tiny_model_dir)!r} and task 'sentiment'" in stderr_of("default")
+    assert "error: policy was made for a 30-layer model; this model has 4" in stderr_of(str(DEFAULT_POLICY_DIR))
 
 
 def test_help_lists_every_flag_with_defaults():

@@ -48,12 +48,12 @@ def main():
     import torch
     from transformers import AutoTokenizer
 
-    from adainfer_ray.benchmark import read_labeled
+    from adainfer_ray.bench import read_labeled
     from adainfer_ray.engine import EarlyExitEngine
     from adainfer_ray.models import load_model, model_fingerprint, resolve_model_dir
     from adainfer_ray.policy import ExitPolicy
     from adainfer_ray.prompts import PromptEncoder, make_task
-    from adainfer_ray.benchmark import DEFAULT_POLICY_DIR
+    from adainfer_ray.bench import DEFAULT_POLICY_DIR
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     a = res["actor_s"]

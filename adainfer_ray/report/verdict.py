@@ -1,0 +1,91 @@
+"""What the job says at the end of a run: the audit's verdict on the policy's promise (`run_verdict`)
+and the end-of-run summary `jobs/classify.py` prints (`job_summary`). The one owner of both.
+"""
+
+from __future__ import annotations
+
+from adainfer_ray.report.text import fmt_n, fmt_num, fmt_pct, fmt_proportion
+from adainfer_ray.schema import SIDECAR_NAME
+from adainfer_ray.stats import lower_bound, ratio, rows_to_confirm
+
+
+def run_verdict(summary: dict, promise: dict | None) -> dict:
+    """What this run's audit says about the policy's promise, in words a manager can act on.
+
+    The audit is a seeded uniform sample run on to full depth. Its disagreements give a one-sided
+    95% upper bound (exact binomial) on the share of labels early exit changed in this corpus;
+    when that bound is above the promised epsilon, the run says so and how to fix it."""
+    audited = summary["audit_agreement"]["rows"]
+    disagreed = audited - summary["audit_agreement"]["successes"]
+    bound = summary.get("audit_disagreement_bound95")
+    out = {"audited_rows": audited, "disagreements": disagreed,
+           "observed": ratio(disagreed, audited), "bound95": bound, "epsilon": None, "ok": None, "message": None}
+    if not promise:
+        return out
+    eps = promise["epsilon"]
+    out["epsilon"] = eps
+    skipped = promise.get("layers_skipped")
+    out["promise"] = (f"Early exit skips about {fmt_pct(skipped)} of the model's layers, and with "
+                      f"{fmt_pct(1 - promise['delta'], 0)} confidence it changes at most {fmt_pct(eps)} of the labels "
+                      f"that the full model would give (calibrated on {fmt_n(promise['calibration_size'])} rows).")
+    if not audited:
+        out["message"] = "No row was audited, so this run cannot check the promise (see --audit-rows)"
+    elif bound <= eps:
+        out["ok"] = True
+        out["message"] = (f"Promise confirmed by the audit: {fmt_n(disagreed)} of {fmt_n(audited)} audited labels "
+                          f"changed, at most {fmt_pct(bound)} at 95% confidence")
+    elif lower_bound(disagreed, audited) > eps:
+        out["ok"] = False
+        out["message"] = (f"WARNING: early exit changed {fmt_n(disagreed)} of {fmt_n(audited)} audited labels "
+                          f"({fmt_pct(out['observed'])}; at least {fmt_pct(lower_bound(disagreed, audited))} at 95% "
+                          f"confidence), more than the promised {fmt_pct(eps)}: this corpus differs from the "
+                          "calibration data. Recalibrate on it with --calibrate N (e.g. 2000), or use --policy full")
+    else:
+        out["ok"] = False
+        out["message"] = (f"The audit cannot confirm the promise on this corpus: {fmt_n(disagreed)} of {fmt_n(audited)} "
+                          f"audited labels changed ({fmt_pct(out['observed'])}), which allows up to {fmt_pct(bound)} at 95% "
+                          f"confidence (above {fmt_pct(eps)}). To be sure, recalibrate on this corpus with "
+                          f"--calibrate N, or audit more rows (--audit-rows; at least {fmt_n(rows_to_confirm(eps))} "
+                          "even with no change)")
+    return out
+
+
+def job_summary(record: dict) -> str:
+    """The end-of-run summary `jobs/classify.py` prints, from its run record (`_run.json`)."""
+    s, verdict = record["summary"], record.get("verdict") or {}
+    lines = ["", "== adainfer-ray: done ==",
+             f"rows {fmt_n(s['rows'])} ({fmt_n(record['resumed_rows'])} from an earlier run), errors {fmt_n(s['error_rows'])}, "
+             f"truncated {fmt_n(s['truncated_rows'])}"]
+    if s["mean_exit_layer"] is not None:
+        lines.append(f"mean exit layer {fmt_num(s['mean_exit_layer'], 1)}/{record['num_layers']}, layers skipped "
+                     f"{fmt_pct(s['layers_skipped_share'])}; FLOPs saved by early exit {fmt_pct(s['exit_saved_share_same_prefix'])} "
+                     f"of a full-depth run with the same prefix reuse")
+    if s["calibration_rows"]:
+        outside = s["outside_sample"]
+        lines.append(f"calibration sample: {fmt_n(s['calibration_rows'])} rows, labeled at full depth "
+                     f"(policy in {record['policy']}); the other {fmt_n(outside['rows'])} rows skipped "
+                     f"{fmt_pct(outside['layers_skipped_share'])} of layers")
+    if verdict.get("promise"):
+        lines.append("promise: " + verdict["promise"])
+    elif record.get("policy_features") != "none":
+        lines.append("policy: no calibrated promise recorded with it")
+    if verdict.get("audited_rows"):
+        lines.append(f"audit: {fmt_proportion(s['audit_agreement'])} agree with full depth")
+    if verdict.get("message"):
+        lines.append(verdict["message"])
+    gold = s["outside_sample"]["gold_accuracy"] if s["calibration_rows"] else s["gold_accuracy"]
+    if gold["rows"]:
+        where = " outside the calibration sample" if s["calibration_rows"] else ""
+        line = f"accuracy on {fmt_n(gold['rows'])} rows with gold labels{where}: {fmt_pct(gold['share'])}"
+        if s["full_depth_gold_accuracy"]["rows"]:
+            line += (f" (full depth on the {fmt_n(s['full_depth_gold_accuracy']['rows'])} audited ones: "
+                     f"{fmt_pct(s['full_depth_gold_accuracy']['share'])})")
+        lines.append(line)
+    if record.get("rows_per_s") is not None:
+        lines.append(f"{fmt_num(record['rows_per_s'], 1)} rows/s over {fmt_num(record['wall_s'], 1)} s on "
+                     f"{record['device']} ({record.get('dtype')})"
+                     + (f"; first labeled batch {fmt_num(record['first_labels_s'], 1)} s after the start"
+                        if record.get("first_labels_s") is not None else ""))
+    lines.append(f"output: {record['output']} (Parquet files + {SIDECAR_NAME})")
+    return "\n".join(lines)
+
