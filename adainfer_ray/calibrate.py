@@ -12,7 +12,7 @@ How, in five steps (Angelopoulos, Bates et al., "Learn then Test", 2021):
 
 1. Trace. Run every calibration item once at full depth and keep what each layer would answer
    and how sure it is, for every feature mode (the job's actors run the engine's `trace`;
-   `pipeline.calibrate_policy` gathers the rows).
+   `job.calibration.calibrate_policy` gathers the rows).
 2. Split the items at random into a fit part and a test part.
 3. Learn, on the fit part only, per feature mode: the per-layer probes (probe mode), the exit
    rule (which score is compared with the threshold, and the first layer where it is asked), and

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-IMPORTS = ["torch", "transformers", "ray", "ray.data", "adainfer_ray.pipeline"]
+IMPORTS = ["torch", "transformers", "ray", "ray.data", "adainfer_ray.job"]
 RAY_INIT = {
     "ray.init() (the job's call)": "ray.init(log_to_driver=True)",
     "ray.init(include_dashboard=False)": "ray.init(log_to_driver=True, include_dashboard=False)",
