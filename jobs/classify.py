@@ -9,7 +9,7 @@ Argument parsing only: the job itself is adainfer_ray.job.run.run_classify.
 
 import time
 
-STARTED_AT = time.time()  # the job's clock starts here: wall_s and first_labels_s count the imports too
+STARTED_AT = time.time()  # runstate.timestamp()'s clock, from here: wall_s and first_labels_s count the imports
 
 import os  # noqa: E402
 import sys  # noqa: E402

@@ -119,7 +119,8 @@ def preflight(cfg: JobConfig, log=print, checked: CheckedInput | None = None) ->
     embedded = None
     if cfg.input == str(EMBEDDED_CORPUS) or cfg.input.startswith("memory://"):
         # The embedded corpus and memory:// live on this machine only: read here, hand the rows to Ray.
-        embedded = [t for f, r in zip(checked.files, checked.roots) for t in read_file(f, r, checked.format, cfg, has_id)]
+        embedded = [table for path, root in zip(checked.files, checked.roots)
+                    for table in read_file(path, root, checked.format, cfg, has_id)]
     one_based = gold_is_one_based(checked.files, checked.format, cfg, labeling.task) if cfg.label_column else False
     return Plan(**vars(labeling), files=checked.files, roots=checked.roots, format=checked.format,
                 has_id_column=has_id, actors=checked.actors, gold_one_based=one_based, embedded_rows=embedded)
