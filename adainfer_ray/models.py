@@ -335,9 +335,9 @@ def check_model_dir(model_dir: Path, trust_remote_code: bool = False):
         if meta.get("auto_map") and not trust_remote_code:
             raise UnsupportedModelError(f"{model_dir} asks to run its own Python code (auto_map in {name}): "
                                         "refused; pass --trust-remote-code only if you trust its source")
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    family_of(config.model_type)
-    return config
+        if name == "config.json" and meta:  # before AutoConfig, which knows fewer families than it names
+            family_of(meta.get("model_type", "?"))
+    return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
 
 
 def context_limit(text_config) -> int:
