@@ -12,7 +12,7 @@ How, in five steps (Angelopoulos, Bates et al., "Learn then Test", 2021):
 
 1. Trace. Run every calibration item once at full depth and keep what each layer would answer
    and how sure it is, for every feature mode (the job's actors run the engine's `trace`;
-   `pipeline.calibrate_policy` gathers the rows).
+   `job.calibration.calibrate_policy` gathers the rows).
 2. Split the items at random into a fit part and a test part.
 3. Learn, on the fit part only, per feature mode: the per-layer probes (probe mode), the exit
    rule (which score is compared with the threshold, and the first layer where it is asked), and
@@ -296,7 +296,7 @@ def calibrate(trace: dict, dims: ModelDims, prefix_tokens: int, num_labels: int,
     docstring for the guarantee: the rule (weights, min_layer) of each mode is chosen on the fit part, so only the modes are chosen
     after testing, and delta is split over them.
     """
-    t0 = time.time()
+    t0 = time.perf_counter()  # a duration (summary["seconds"])
     modes = FEATURE_MODES if features in (None, "auto") else (features,)
     if score not in SCORES + ("auto",):
         raise ValueError(f"score must be one of {SCORES + ('auto',)}")
@@ -400,7 +400,7 @@ def calibrate(trace: dict, dims: ModelDims, prefix_tokens: int, num_labels: int,
                      f"{epsilon:.2%} of items like the calibration sample. Expected (test part, {n_test} items): "
                      f"{row['layers_skipped']:.1%} of layers skipped, {row['flops_saved']:.1%} of FLOPs saved, "
                      f"agreement {row['agreement']:.2%}."))
-    summary["seconds"] = round(time.time() - t0, 1)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
     policy.metadata = {**(provenance or {}), **summary}
     log(summary["message"])
     return CalibrationResult(policy, rows, summary, rules)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from adainfer_ray.pipeline import EMBEDDED_CORPUS, JobConfig
+from adainfer_ray.job.config import EMBEDDED_CORPUS, JobConfig
 
 DEFAULTS = JobConfig()
 
@@ -124,7 +124,7 @@ def run_main(fn, *args) -> int:
     else is a bug or an outage and keeps its traceback."""
     from adainfer_ray.io import InputError
     from adainfer_ray.models import UnsupportedModelError
-    from adainfer_ray.pipeline import JobError
+    from adainfer_ray.job.config import JobError
     from adainfer_ray.policy import PolicyError
 
     user_errors = (InputError, JobError, PolicyError, UnsupportedModelError, FileNotFoundError, PermissionError)

@@ -93,13 +93,19 @@ def add_engine_time(state, seconds: float) -> None:
         state.add_engine_seconds.remote(seconds)
 
 
+def timestamp() -> float:
+    """Wall-clock seconds since the epoch, for the run's timeline and start/end times: marks are
+    compared across processes and nodes, which perf_counter cannot do (durations use perf_counter)."""
+    return time.time()
+
+
 def mark(state, event: str, last: bool = False) -> None:
     """A model actor reached `event` ("actor_start", "actor_ready", "first_labels", "last_labels")
     now: the run keeps the earliest time, or with last=True the latest. Wall-clock time, so that the
     driver can count it from the command's start; on a cluster it carries the skew between the
     nodes' clocks (NTP: milliseconds)."""
     if state is not None:
-        state.mark.remote(event, time.time(), last)
+        state.mark.remote(event, timestamp(), last)
 
 
 def block_key(ids) -> str:

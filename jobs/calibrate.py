@@ -11,7 +11,7 @@ pickle) and a calibration report into --output. `classify --calibrate N` does th
 run. Gold labels are optional (the promise is about agreement with the full model); with them
 the report also shows accuracy.
 
-Argument parsing only: the method is adainfer_ray.pipeline.calibrate_policy.
+Argument parsing only: the method is adainfer_ray.job.run.run_calibrate.
 """
 
 import os
@@ -42,13 +42,9 @@ def parse_args(argv=None):
 
 
 def calibrate(cfg, folder: str, command: str) -> int:
-    from adainfer_ray import runstate
-    from adainfer_ray.pipeline import calibrate_policy, plan_resources, preflight_and_init_ray
+    from adainfer_ray.job import run_calibrate
 
-    plan, ray, _ = preflight_and_init_ray(cfg)
-    state = runstate.start(f"calibrate-{os.getpid()}")  # poison rows end here too
-    calibration = calibrate_policy(cfg, plan, ray, plan_resources(cfg, ray), folder, cfg.calibrate,
-                                   command=command, run_state=state)
+    calibration = run_calibrate(cfg, folder, command)
     print(calibration.result.summary["message"])
     print(f"policy: {folder}  (use it with: python jobs/classify.py --policy {folder} ...)")
     return 0

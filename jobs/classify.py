@@ -4,12 +4,12 @@
     python jobs/classify.py --input corpus/ --calibrate 2000  # calibrate on 2,000 of its rows first
     ray job submit --working-dir . -- python jobs/classify.py --input s3://bucket/reviews/ --output s3://bucket/labels/
 
-Argument parsing only: the job itself is adainfer_ray.pipeline.run_classify.
+Argument parsing only: the job itself is adainfer_ray.job.run.run_classify.
 """
 
 import time
 
-STARTED_AT = time.time()  # the job's clock starts here: wall_s and first_labels_s count the imports too
+STARTED_AT = time.time()  # runstate.timestamp()'s clock, from here: wall_s and first_labels_s count the imports
 
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -50,7 +50,7 @@ def parse_args(argv=None):
 
 
 def classify(cfg) -> int:
-    from adainfer_ray.pipeline import run_classify
+    from adainfer_ray.job import run_classify
     from adainfer_ray.report import job_summary
 
     print(job_summary(run_classify(cfg, started_at=STARTED_AT)))

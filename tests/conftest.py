@@ -185,6 +185,23 @@ def ray_cluster(tmp_path_factory):
         local_sh("stop")
 
 
+def ray_job_submit(*command, address: str | None = None, env: dict | None = None, timeout: int = 900):
+    """`ray job submit --working-dir <checkout> -- <command>` from the checkout, retried while a
+    fresh head's job agent is still registering ("No available agent"). `address`: the dashboard
+    (else RAY_ADDRESS from `env`, as after `eval "$(cluster/local.sh env)"`)."""
+    import subprocess
+    import time
+
+    where = ["--address", address] if address else []
+    for _ in range(30):
+        r = subprocess.run(["ray", "job", "submit", *where, "--working-dir", ROOT, "--", *map(str, command)],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        if "No available agent" not in r.stderr:
+            return r
+        time.sleep(2)
+    return r
+
+
 @pytest.fixture(scope="session")
 def ray_connected(ray_cluster):
     """This test process connected to the local test cluster (jobs run in-process use it)."""

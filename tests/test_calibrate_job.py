@@ -4,7 +4,6 @@ audit's promise check, and the public `label` stage."""
 import json
 import os
 import subprocess
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -13,10 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from adainfer_ray import cli, report
-from adainfer_ray.pipeline import JobConfig, calibration_keys, gold_names, run_classify
+from adainfer_ray.job import JobConfig, run_classify
+from adainfer_ray.job.actor import gold_names
+from adainfer_ray.job.sampling import calibration_keys
 from adainfer_ray.policy import ExitPolicy
 from adainfer_ray.schema import OUTPUT_SCHEMA, SIDECAR_NAME
-from conftest import review_texts
+from conftest import ray_job_submit, review_texts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SST2_DEV = os.path.join(os.path.dirname(ROOT), "shared", "data", "sst2", "dev.tsv")
@@ -153,12 +154,7 @@ def test_classify_calibrate_labels_every_row_once_and_keeps_the_sample_at_full_d
 
 
 def submit(ray_cluster, *args) -> subprocess.CompletedProcess:
-    for _ in range(30):  # a fresh head's job agent takes a few seconds to register
-        r = subprocess.run(["ray", "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", ROOT,
-                            "--", "python", *args], cwd=ROOT, capture_output=True, text=True, timeout=1200)
-        if "No available agent" not in r.stderr:
-            break
-        time.sleep(2)
+    r = ray_job_submit("python", *args, address=ray_cluster["dashboard"], timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     return r
 
@@ -206,16 +202,16 @@ def test_label_is_one_stage_of_a_users_ray_data_pipeline(ray_connected, tiny_mod
 
 
 def test_a_policy_used_at_another_precision_warns_on_the_driver():
-    from adainfer_ray.pipeline import _warn_on_precision
+    from adainfer_ray.job.plan import warn_on_precision
 
     policy = ExitPolicy.full_depth(4)
     policy.features = "label"  # a calibrated policy records its promise, dtype and device
     policy.metadata = {"guaranteed": True, "epsilon": 0.01, "delta": 0.05, "calibration_size": 100,
                        "layers_skipped": 0.3, "dtype": "float32", "device": "cpu"}
     said = []
-    _warn_on_precision(policy, "cpu", "auto", said.append)
+    warn_on_precision(policy, "cpu", "auto", said.append)
     assert said == []
-    _warn_on_precision(policy, "cuda", "auto", said.append)  # a GPU run computes in bf16
+    warn_on_precision(policy, "cuda", "auto", said.append)  # a GPU run computes in bf16
     assert len(said) == 1 and "calibrated at float32" in said[0] and "bfloat16" in said[0]
 
 
@@ -227,3 +223,34 @@ def test_limit_counts_the_same_rows_with_calibrate(ray_connected, tiny_model_dir
                        log=lambda *_: None)
     ids = read_output(tmp_path / "out").column("id").to_pylist()
     assert run["rows"] == 60 and sorted(ids) == sorted(f"in.parquet:{i}" for i in range(60))
+
+
+def test_the_recorded_dtype_is_the_one_the_actors_load_on_a_gpu_without_bf16(monkeypatch):
+    """run_precision (in _run.json and a policy's provenance) follows models.pick_device's fallback."""
+    import torch
+
+    from adainfer_ray.job.plan import run_precision
+    from adainfer_ray.models import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert pick_device("cuda", "auto")[1] == torch.float16
+    assert run_precision("cuda", "auto") == "float16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert run_precision("cuda", "auto") == "bfloat16" and run_precision("cpu", "auto") == "float32"
+
+
+def test_label_checks_remote_code_on_the_driver_before_any_actor(tiny_model_dir, tmp_path):
+    """label() refuses a model that asks to run its own code unless trust_remote_code, as the job does:
+    at the call, not later inside an actor."""
+    import shutil
+
+    import adainfer_ray
+    from adainfer_ray.models import UnsupportedModelError
+
+    remote = tmp_path / "remote-tokenizer-model"
+    shutil.copytree(tiny_model_dir, remote)
+    tok = json.loads((remote / "tokenizer_config.json").read_text())
+    (remote / "tokenizer_config.json").write_text(json.dumps({**tok, "auto_map": {"AutoTokenizer": ["x.Tok", None]}}))
+    with pytest.raises(UnsupportedModelError, match="trust-remote-code"):
+        adainfer_ray.label(object(), model=str(remote), policy="full")  # never reaches the dataset

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.request
 
@@ -17,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from adainfer_ray.schema import OUTPUT_SCHEMA, SIDECAR_NAME
-from conftest import free_port, review_texts
+from conftest import free_port, ray_job_submit, review_texts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
@@ -37,14 +36,7 @@ def write_inputs(folder, n_files=4, rows=50):
 
 def submit(ray_cluster, *job_args, env=None, job="jobs/classify.py"):
     """`ray job submit` with the exports of `cluster/local.sh env`, as the README says."""
-    env = {**os.environ, **ray_cluster["env"], **(env or {})}
-    for _ in range(30):  # a fresh head's job agent takes a few seconds to register
-        r = subprocess.run(["ray", "job", "submit", "--working-dir", ROOT, "--", "python", job,
-                            *map(str, job_args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-        if "No available agent" not in r.stderr:
-            return r
-        time.sleep(2)
-    return r
+    return ray_job_submit("python", job, *job_args, env={**os.environ, **ray_cluster["env"], **(env or {})})
 
 
 def cluster_node_ids(ray_cluster) -> set[str]:

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import fsspec
 import numpy as np
@@ -12,10 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from adainfer_ray.pipeline import Classifier, JobConfig, audit_mask, run_classify
+from adainfer_ray.job import JobConfig, run_classify
+from adainfer_ray.job.actor import Classifier
+from adainfer_ray.job.sampling import audit_mask
 from adainfer_ray.report import job_summary
 from adainfer_ray.schema import OUTPUT_SCHEMA, SIDECAR_NAME
-from conftest import review_texts
+from conftest import ray_job_submit, review_texts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -143,18 +144,22 @@ def test_help_explains_every_flag_with_its_default():
 @pytest.mark.slow
 def test_ray_job_submit_against_a_real_cluster(ray_cluster, tiny_model_dir, tmp_path):
     out = tmp_path / "submitted"
-    for _ in range(30):  # a fresh head's job agent takes a few seconds to register
-        r = subprocess.run(
-            ["ray", "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", ROOT, "--",
-             "python", "jobs/classify.py", "--model", str(tiny_model_dir), "--policy", "full", "--limit", "60",
-             "--output", str(out)],
-            cwd=ROOT, capture_output=True, text=True, timeout=900)
-        if "No available agent" not in r.stderr:
-            break
-        time.sleep(2)
+    r = ray_job_submit("python", "jobs/classify.py", "--model", tiny_model_dir, "--policy", "full", "--limit", "60",
+                       "--output", out, address=ray_cluster["dashboard"])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-1500:]
     assert "succeeded" in (r.stdout + r.stderr).lower()
     table = read_output(out)
     assert table.num_rows == 60 and table.schema == OUTPUT_SCHEMA
     assert set(table.column("label").to_pylist()) <= {"negative", "positive"}
     assert json.loads((out / SIDECAR_NAME).read_text())["rows"] == 60
+
+
+def test_the_package_version_has_one_source():
+    import tomllib
+
+    import adainfer_ray
+
+    project = tomllib.loads(open(os.path.join(ROOT, "pyproject.toml")).read())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "adainfer_ray.__version__"}
+    assert adainfer_ray.__version__.count(".") == 2

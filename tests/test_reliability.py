@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from adainfer_ray import io
-from adainfer_ray.pipeline import JobConfig, run_classify
+from adainfer_ray.job import JobConfig, run_classify
 from adainfer_ray.policy import resolve_policy
 from adainfer_ray.resume import ResumeError, done_ids, drop_done
 from adainfer_ray.schema import OUTPUT_SCHEMA, SIDECAR_NAME
@@ -131,7 +131,7 @@ def test_every_bad_row_gets_exactly_one_output_row(ray_connected, tiny_model_dir
 
 
 def test_a_row_that_breaks_the_engine_becomes_one_error_row(tiny_model_dir):
-    from adainfer_ray.pipeline import Classifier
+    from adainfer_ray.job.actor import Classifier
 
     clf = Classifier.from_config(JobConfig(model=str(tiny_model_dir), policy="full"), threads=1)
     poison = clf.encoder.encode(["poison pill"]).item_ids[0]
@@ -333,12 +333,12 @@ def test_a_file_found_corrupt_mid_run_stops_with_one_line(ray_connected, tiny_mo
 
 def test_unexpected_errors_keep_their_traceback(monkeypatch):
     """Only errors in what the user gave become one line; a bug must stay debuggable."""
-    import adainfer_ray.pipeline as pipeline
+    import adainfer_ray.job as job
 
     def boom(cfg, **_):  # run_classify(cfg, started_at=...)
         raise ValueError("a bug, not bad input")
 
-    monkeypatch.setattr(pipeline, "run_classify", boom)
+    monkeypatch.setattr(job, "run_classify", boom)
     with pytest.raises(ValueError, match="a bug"):
         classify_cli.main(["--policy", "full"])
 
@@ -346,14 +346,14 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch):
 def test_user_errors_raised_inside_ray_tasks_still_print_one_line(monkeypatch, capsys):
     import ray.exceptions
 
-    import adainfer_ray.pipeline as pipeline
+    import adainfer_ray.job as job
 
     def fails_in_a_task(cfg, **_):
         cause = io.InputError("cannot read x.parquet as parquet: Corrupt snappy\ncompressed data")
         wrapped = ray.exceptions.RayTaskError("read", "Traceback (most recent call last):\n  ...", cause)
         raise wrapped.as_instanceof_cause()
 
-    monkeypatch.setattr(pipeline, "run_classify", fails_in_a_task)
+    monkeypatch.setattr(job, "run_classify", fails_in_a_task)
     assert classify_cli.main(["--policy", "full"]) == 2
     assert capsys.readouterr().err == "error: cannot read x.parquet as parquet: Corrupt snappy compressed data\n"
 
@@ -369,7 +369,7 @@ def test_a_crashed_actor_is_replaced_and_its_block_run_again(ray_connected, tiny
     for k in range(3):
         write_jsonl(tmp_path / f"part{k}.jsonl", [{"id": f"f{k}-{i}", "text": t}
                                                  for i, t in enumerate(review_texts(32, seed=k))])
-    monkeypatch.setenv("ADAINFER_CRASH_AFTER_BATCHES", "2")  # pipeline hands ADAINFER_* to the actors
+    monkeypatch.setenv("ADAINFER_CRASH_AFTER_BATCHES", "2")  # job.cluster hands ADAINFER_* to the actors
     run, _ = job(tiny_model_dir, tmp_path, tmp_path / "*.jsonl", batch_size=16)
 
     ids = read_output(tmp_path / "out").column("id").to_pylist()
@@ -711,7 +711,7 @@ def test_memory_stays_bounded_while_100k_rows_stream_through(tinier_model_dir, t
 
 
 def test_a_preflight_that_fails_beside_a_starting_ray_prints_one_line_and_leaves_no_ray(tiny_model_dir, tmp_path):
-    """Without RAY_ADDRESS the job starts its own Ray while the preflight runs (pipeline.preflight_and_init_ray):
+    """Without RAY_ADDRESS the job starts its own Ray while the preflight runs (job.cluster.preflight_and_init_ray):
     a setting found wrong there still ends in one line, and the Ray started alongside is shut down."""
     ray_tmp = tempfile.mkdtemp(prefix="rf-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     write_jsonl(tmp_path / "in.jsonl", [{"id": "r0", "text": "a fine film"}])

@@ -1,6 +1,6 @@
 """What every setting runs on (`Workload`): one model, one exit policy, the same token ids.
 
-The policy comes the way the job takes it (`pipeline.checked_policy`: `policy.resolve_policy`,
+The policy comes the way the job takes it (`job.plan.resolve_policy`: `policy.resolve_policy`,
 then checked against these weights and this prompt), or, with `--policy fit`, from the one
 fitting path, `calibrate.calibrate`, on full-depth engine traces of `--fit-data`.
 """
@@ -22,9 +22,9 @@ from adainfer_ray.prompts import PromptEncoder, make_task
 def read_labeled(path: str, text_column: str = "sentence", label_column: str = "label",
                  limit: int | None = None, labels: tuple[str, ...] = ()) -> tuple[list[str], np.ndarray]:
     """Texts and gold label indices [n] (-1 where unknown), read by the job's own reader
-    (io.read_rows) and mapped to label names as the job maps them (pipeline.gold_names)."""
+    (io.read_rows) and mapped to label names as the job maps them (job.actor.gold_names)."""
     from adainfer_ray import io
-    from adainfer_ray.pipeline import gold_names
+    from adainfer_ray.job.actor import gold_names
 
     texts, gold = [], []
     for table in io.read_rows(path, io.detect_format(path), text_column, None, label_column):
@@ -72,9 +72,9 @@ def resolve_policy(spec: str, lm, encoder: PromptEncoder, cfg: BenchmarkConfig, 
         policy.save(folder)
         how = "" if not policy.never_exits else " (no threshold could be guaranteed on so few items: full depth)"
         return policy, f"calibrated on {len(texts)} items of {cfg.fit_data}{how}, saved to {folder}"
-    from adainfer_ray.pipeline import checked_policy
+    from adainfer_ray.job.plan import resolve_policy as job_policy
 
-    policy = checked_policy(spec, cfg.model, encoder.task, lm.model_hash, lm.num_layers)
+    policy = job_policy(spec, encoder.task, lm.model_id, lm.model_hash, lm.num_layers)
     if policy.never_exits:
         raise PolicyError(f"{spec} is a full-depth policy: the benchmark needs one that exits early")
     return policy, str(spec)

@@ -16,8 +16,8 @@ patches it in the module that looks it up (e.g. `models.sources`).
 """
 
 from adainfer_ray.models.errors import UnsupportedModelError
-from adainfer_ray.models.layers import SUPPORTED_MODEL_TYPES, DecoderLM, Packed, attention, family_of
-from adainfer_ray.models.load import DTYPES, load_model, pick_device, wrap_model
+from adainfer_ray.models.layers import SUPPORTED_MODEL_TYPES, DecoderLM, Packed, attention, context_limit, family_of
+from adainfer_ray.models.load import DTYPES, check_model_dir, load_model, pick_device, weights_dtype, wrap_model
 from adainfer_ray.models.sources import (
     DEFAULT_MODEL,
     cache_dir,
@@ -38,6 +38,8 @@ __all__ = [
     "UnsupportedModelError",
     "attention",
     "cache_dir",
+    "check_model_dir",
+    "context_limit",
     "convert_gguf",
     "default_gguf_path",
     "ensure_default_model",
@@ -47,5 +49,6 @@ __all__ = [
     "model_id",
     "pick_device",
     "resolve_model_dir",
+    "weights_dtype",
     "wrap_model",
 ]

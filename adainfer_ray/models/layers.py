@@ -130,6 +130,13 @@ def _scaled(x, m: float):
 # Model families
 
 
+def context_limit(text_config) -> int:
+    """Tokens a prompt may hold: the model's positions (sliding windows are enforced in attention(),
+    so they set no cap here)."""
+    return (getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+            or 2048)
+
+
 @dataclass
 class DecoderLM:
     """A decoder LM as a stack of layers the engine can stop after. Subclasses hold one family."""
@@ -161,8 +168,8 @@ class DecoderLM:
         return self.model.lm_head.weight.dtype
 
     @property
-    def max_context(self) -> int:  # sliding windows are enforced in attention(), so no cap here
-        return getattr(self.config, "max_position_embeddings", None) or 2048
+    def max_context(self) -> int:
+        return context_limit(self.config)
 
     def _logits(self, z):  # what the model's forward does to lm_head's output, so exits see the same
         z = _scaled(z, 1 / self.logits_scaling)

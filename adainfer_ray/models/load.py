@@ -4,6 +4,7 @@ weights) to a family (`layers.family_of`), on a device and in a dtype."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -23,11 +24,40 @@ def pick_device(device: str | None = None, dtype: str | None = "auto") -> tuple[
     if device in (None, "", "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
+    return dev, weights_dtype(dev.type, dtype)
+
+
+def weights_dtype(device_type: str, dtype: str) -> torch.dtype:
+    """The one rule for --dtype: `auto` is fp32 on CPU, bf16 on CUDA, fp16 on a GPU without bf16.
+    The job records the dtype it runs at from here too, so the record matches the weights."""
     if dtype != "auto":
-        return dev, getattr(torch, dtype)
-    if dev.type == "cuda":
-        return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return dev, torch.float32
+        return getattr(torch, dtype)
+    if device_type == "cuda":
+        # A driver that sees no GPU (a CPU head node) cannot ask the workers' GPUs: it assumes bf16.
+        bf16 = not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float16
+    return torch.float32
+
+
+def check_model_dir(model_dir: Path, trust_remote_code: bool = False):
+    """The model folder's config, after the checks that keep a model folder data: one that names its
+    own Python classes (auto_map) is refused without trust_remote_code, and an unsupported family
+    fails here, before any weights load. The driver's preflight and load_model both come here."""
+    from transformers import AutoConfig
+
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            meta = json.loads((model_dir / name).read_text()) if (model_dir / name).exists() else {}
+        except ValueError as e:
+            raise UnsupportedModelError(f"{model_dir / name} is not valid JSON ({e}): is --model a Hugging Face "
+                                        "model folder?") from e
+        if meta.get("auto_map") and not trust_remote_code:
+            raise UnsupportedModelError(f"{model_dir} asks to run its own Python code (auto_map in {name}): "
+                                        "refused; pass --trust-remote-code only if you trust its source")
+        if name == "config.json" and meta:  # before AutoConfig, which knows fewer families than it names
+            family_of(meta.get("model_type", "?"))
+    return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+
 
 
 
@@ -45,18 +75,11 @@ def load_model(name_or_uri: str | None = None, device: str | None = None, dtype:
                trust_remote_code: bool = False) -> DecoderLM:
     """Load `name_or_uri` (default: the embedded SmolLM2-135M-Instruct) ready for layer-by-layer runs.
     dtype: one of DTYPES; `auto` is fp32 on CPU, bf16 (fp16 without bf16 support) on CUDA."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev, torch_dtype = pick_device(device, dtype)  # a bad --dtype fails before any file is read
     model_dir = resolve_model_dir(name_or_uri)
-    config_json = json.loads((model_dir / "config.json").read_text())
-    if config_json.get("auto_map") and not trust_remote_code:
-        raise UnsupportedModelError(
-            f"{model_dir} asks to run its own Python code (auto_map in config.json); "
-            "refused by default: pass --trust-remote-code only if you trust its source"
-        )
-    family_of(config_json.get("model_type", "?"))  # a clear error before any weights load
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    config = check_model_dir(model_dir, trust_remote_code)  # a clear error before any weights load
     model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch_dtype,
                                                  trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)

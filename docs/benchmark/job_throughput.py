@@ -7,7 +7,7 @@
 (a) engine, in this process: the rows the job reads (io.read_rows, the job's reader and ids), the
     actor's own PromptEncoder and EarlyExitEngine (the shipped default policy), the job's batch size
     (rows per actor call), torch threads (what plan_resources gives one CPU actor: every core) and
-    audit sample (pipeline.audit_mask at the job's audit rate). One batch warms up, then one timed
+    audit sample (job.sampling.audit_mask at the job's audit rate). One batch warms up, then one timed
     pass: items/s of `engine.classify` alone, and with the actor's tokenising.
 (b) job: `python jobs/classify.py` on the same rows, in a fresh process, as a user runs it; rows/s
     over the command's wall time (Python start to exit, as timed here), over the run's own wall_s
@@ -34,15 +34,16 @@ AUDITS = {"default audit": [], "no audit": ["--audit-fraction", "0", "--audit-ro
 
 
 def job_rows(cfg):
-    """The rows the job labels, read as it reads them (the preflight's input check, the pipeline's
+    """The rows the job labels, read as it reads them (the preflight's input check, the job's
     one per-file reader): ids, texts, in input order, after --limit."""
     import pyarrow as pa
 
-    from adainfer_ray.pipeline import _read_file, check_input
+    from adainfer_ray.job.config import check_input
+    from adainfer_ray.job.dataset import read_file
 
     checked = check_input(cfg)
     tables = [t for f, r in zip(checked.files, checked.roots)
-              for t in _read_file(f, r, checked.format, cfg, checked.present["--id-column"])]
+              for t in read_file(f, r, checked.format, cfg, checked.present["--id-column"])]
     table = pa.concat_tables(tables).slice(0, cfg.limit)
     ok = [e is None for e in table.column("input_error").to_pylist()]
     return ([i for i, k in zip(table.column("id").to_pylist(), ok) if k],
@@ -52,7 +53,8 @@ def job_rows(cfg):
 def engine_items_per_s(cfg, ids, texts, threads: int) -> dict:
     import torch
 
-    from adainfer_ray.pipeline import Classifier, audit_mask, corpus_audit_rate
+    from adainfer_ray.job.actor import Classifier
+    from adainfer_ray.job.sampling import audit_mask, corpus_audit_rate
 
     torch.set_num_threads(threads)
     actor = Classifier.from_config(cfg, threads=threads)  # model, encoder, engine and policy as the actor has them
@@ -117,10 +119,11 @@ def main():
     p.add_argument("--skip-job", action="store_true", help="engine only")
     args = p.parse_args()
 
-    from adainfer_ray.pipeline import JobConfig
+    from adainfer_ray.job.cluster import threads_per_actor
+    from adainfer_ray.job.config import JobConfig
 
     cfg = JobConfig(input=args.input, text_column=args.text_column, label_column=args.label_column, limit=args.limit)
-    threads = len(os.sched_getaffinity(0))  # plan_resources: a lone CPU actor gets every core of its node
+    threads = threads_per_actor(len(os.sched_getaffinity(0)), 1)  # what plan_resources gives a lone CPU actor
     res = {"loadavg_before": os.getloadavg(), "input": args.input, "limit": args.limit, "threads": threads,
            "batch_size": cfg.batch_size, "engine": {}, "job": {}}
     if not args.skip_engine:

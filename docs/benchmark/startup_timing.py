@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-IMPORTS = ["torch", "transformers", "ray", "ray.data", "adainfer_ray.pipeline"]
+IMPORTS = ["torch", "transformers", "ray", "ray.data", "adainfer_ray.job"]
 RAY_INIT = {
     "ray.init() (the job's call)": "ray.init(log_to_driver=True)",
     "ray.init(include_dashboard=False)": "ray.init(log_to_driver=True, include_dashboard=False)",
@@ -55,7 +55,9 @@ def main():
     from adainfer_ray.prompts import PromptEncoder, make_task
     from adainfer_ray.bench import DEFAULT_POLICY_DIR
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    from adainfer_ray.job.cluster import threads_per_actor
+
+    torch.set_num_threads(threads_per_actor(len(os.sched_getaffinity(0)), 1))  # a lone CPU actor's threads
     a = res["actor_s"]
 
     def timed(name, fn):

@@ -1,0 +1,169 @@
+"""The job's two entry points, and its record: `run_classify` (read -> label -> write, with
+--calibrate first when asked) and `run_calibrate` (jobs/calibrate.py: calibration alone). The
+record (_run.json) says who wrote the output, with what, and how long it took."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+
+from adainfer_ray import io, resume, runstate
+from adainfer_ray.job.calibration import Calibration, calibrate_or_reuse, calibrate_policy
+from adainfer_ray.job.cluster import map_classifier, plan_resources, preflight_and_init_ray, starts_local_ray
+from adainfer_ray.job.config import JobConfig
+from adainfer_ray.job.dataset import estimate_rows, read_dataset, write_output
+from adainfer_ray.job.plan import run_precision, warn_on_precision
+from adainfer_ray.job.sampling import corpus_audit_rate
+from adainfer_ray.schema import SIDECAR_NAME
+
+
+def run_classify(cfg: JobConfig, log=print, started_at: float | None = None) -> dict:
+    """Run the whole job; returns the run record that is also written as the sidecar.
+
+    started_at: when the command started (runstate.timestamp()), so that wall_s and the start-up
+    timeline count what the user waits for, imports included; default: now."""
+    started_at = runstate.timestamp() if started_at is None else started_at
+    timeline = {}  # when the driver's steps were done (the actors report theirs to the run state)
+    plan, ray, res, identity, previous = _start(cfg, log, timeline)
+    state = runstate.start(f"{datetime.fromtimestamp(started_at, timezone.utc):%Y%m%dT%H%M%S}-{os.getpid()}")
+    plan, calibration = _settle_policy(cfg, plan, ray, res, identity, previous, state, log)
+    done = resume.done_ids(cfg.output, log)
+    _say_what_is_kept(cfg, calibration, done, log)
+    runs = _start_record(cfg, plan, res, identity, previous, started_at)
+    audit_rate = _audit_rate(cfg, plan, calibration)
+
+    ds = read_dataset(cfg, plan, ray, done)
+    ds = map_classifier(ds, cfg, plan.task, plan.policy, res, audit_rate=audit_rate,
+                        gold_one_based=plan.gold_one_based, run_state=state)
+    write_output(ds, cfg.output, datetime.fromtimestamp(started_at, timezone.utc))
+
+    record = _run_record(cfg, plan, ray, res, identity, runs, state, calibration, done, audit_rate,
+                         started_at, timeline, log)
+    io.write_json(cfg.output, SIDECAR_NAME, record)
+    return record
+
+
+def run_calibrate(cfg: JobConfig, folder: str, command: str = "", log=print) -> Calibration:
+    """jobs/calibrate.py: calibrate a policy on cfg.calibrate rows of the input into `folder`, as
+    `classify --calibrate` does, and stop there."""
+    plan, ray, _ = preflight_and_init_ray(cfg, log)
+    state = runstate.start(f"calibrate-{os.getpid()}")  # poison rows end here too
+    return calibrate_policy(cfg, plan, ray, plan_resources(cfg, plan.actors, ray), folder, cfg.calibrate, log,
+                            command=command, run_state=state)
+
+
+def _start(cfg: JobConfig, log, timeline: dict):
+    """Preflight, the resume checks and Ray: (plan, ray, resources, identity, previous sidecar).
+    A run refused here leaves no Ray of its own behind."""
+
+    def who_writes(plan):
+        # Who writes this output: a rerun that would mix labels of two kinds is refused (resume.py), before
+        # Ray as far as the flags tell: the dtype waits for the cluster, a --calibrate policy for calibration.
+        identity = {"model_hash": plan.model_hash, "task_fingerprint": plan.task.fingerprint()}
+        if not cfg.calibrate:
+            identity["policy_fingerprint"] = resume.policy_fingerprint(plan.policy)
+        return identity, resume.check_same_run(cfg.output, identity, cfg.overwrite, log)
+
+    own_ray = starts_local_ray()
+    plan, ray, (identity, previous) = preflight_and_init_ray(cfg, log, timeline, then=who_writes)
+    try:
+        res = plan_resources(cfg, plan.actors, ray)
+        identity["dtype"] = run_precision(res.device_kind, cfg.dtype)
+        resume.refuse_other_run(cfg.output, previous, identity)
+    except BaseException:
+        if own_ray:
+            ray.shutdown()
+        raise
+    if not plan.has_id_column:
+        log(f"no column {cfg.id_column!r} in the input: ids are derived as <file path under --input>:<row number>")
+    return plan, ray, res, identity, previous
+
+
+def _settle_policy(cfg, plan, ray, res, identity, previous, state, log):
+    """The policy this run labels with: --policy as planned, or --calibrate's (made now, or reused
+    from an earlier run of this output; then checked against that output as the flags were)."""
+    if not cfg.calibrate:
+        warn_on_precision(plan.policy, res.device_kind, cfg.dtype, log)
+        return plan, None
+    calibration = calibrate_or_reuse(cfg, plan, ray, res, previous, state, log)
+    plan = replace(plan, policy=calibration.policy)
+    identity["policy_fingerprint"] = resume.policy_fingerprint(plan.policy)
+    resume.check_same_run(cfg.output, identity, False, log)
+    return plan, calibration
+
+
+def _say_what_is_kept(cfg, calibration, done, log) -> None:
+    if calibration is not None and calibration.sample is not None:
+        log(f"calibration: the sample's {len(calibration.sample)} rows are written; labeling the other rows")
+    elif len(done):
+        log(f"resuming: {len(done)} rows already in {cfg.output} are kept and not labeled again")
+
+
+def _start_record(cfg, plan, res, identity, previous, started_at: float) -> list[dict]:
+    """_run.json as the run starts; it carries the policy's promise, so that the report's verdict
+    (report.summarize_run) is the run's."""
+    started = datetime.fromtimestamp(started_at, timezone.utc).isoformat()
+    return resume.start_record(cfg.output, previous, {**identity, "promise": plan.policy.promise},
+                               {"start_time": started, "device": res.device_kind})
+
+
+def _audit_rate(cfg, plan, calibration) -> float:
+    """The audit's share of rows: none for a policy that never exits; sized by the corpus (the
+    calibration counted it; otherwise an estimate is enough)."""
+    if plan.policy.never_exits:
+        return 0.0
+    rows = calibration.rows_seen if calibration is not None and calibration.rows_seen else estimate_rows(cfg, plan)
+    return corpus_audit_rate(cfg, rows)
+
+
+def _run_record(cfg, plan, ray, res, identity, runs, state, calibration, done, audit_rate, started_at, timeline,
+                log) -> dict:
+    """The run record (_run.json): identity, every flag, this run's time line, the summary and verdict."""
+    from adainfer_ray import report
+
+    wall = runstate.timestamp() - started_at  # a span between two wall-clock stamps, as the timeline's
+    actor_nodes, engine_s, marks = ray.get([state.actor_nodes.remote(), state.engine_seconds.remote(),
+                                            state.marks.remote()])
+    ray.kill(state)
+    # Seconds from the command's start to each step: where the start-up goes, and the labeling's span.
+    timeline = {f"{event}_s": at - started_at
+                for event, at in sorted({**timeline, **marks}.items(), key=lambda item: item[1])}
+    summary = report.summarize_run([cfg.output])  # its verdict reads the promise _start_record wrote
+    fresh_sample = calibration.sample if calibration is not None and calibration.sample is not None else None
+    if summary["rows"] == 0:
+        log(f"the input holds no rows: {cfg.output} holds an empty table (empty.parquet) and {SIDECAR_NAME}")
+    elif len(done) and summary["rows"] == len(done) and calibration is None:
+        log("nothing left to label: every input row was already in the output")
+    resumed = len(done) - (len(fresh_sample) if fresh_sample is not None else 0)  # this run wrote the sample
+    gpu_name = _gpu_name() if res.gpus_per_actor else None
+    this_run = {**runs[-1], "end_time": datetime.now(timezone.utc).isoformat(), "wall_s": wall,
+                "rows_this_run": summary["rows"] - resumed, "gpu_name": gpu_name,
+                "num_gpus": res.gpus_per_actor * res.max_actors, "num_actors": cfg.actors, "max_actors": res.max_actors,
+                "engine_s": engine_s, "actor_nodes": actor_nodes, "first_labels_s": timeline.get("first_labels_s"),
+                "timeline": timeline}
+    policy = plan.policy
+    return {
+        **identity, "runs": runs[:-1] + [this_run], "actor_nodes": actor_nodes,
+        "model": plan.model_id, "policy": calibration.folder if calibration else cfg.policy,
+        "num_layers": plan.num_layers, "policy_features": policy.features, "policy_metadata": policy.metadata,
+        "promise": policy.promise, "task": plan.task.to_dict(), "template": plan.task.template,
+        "labels": list(plan.task.labels), "flags": asdict(cfg), "ray_version": ray.__version__,
+        "device": res.device_kind, "gpu_name": gpu_name, "num_gpus": this_run["num_gpus"],
+        "num_actors": cfg.actors, "max_actors": res.max_actors, "engine_s": engine_s, "audit_rate": audit_rate,
+        "first_labels_s": this_run["first_labels_s"], "start_time": runs[-1]["start_time"],
+        "end_time": this_run["end_time"], "wall_s": wall, "rows_this_run": this_run["rows_this_run"],
+        "resumed_rows": resumed, "rows": summary["rows"], "errors": summary["error_rows"],
+        # This run's rate, by the report's own rule (the report's figure spans every run of an output).
+        "rows_per_s": report.summarize_throughput([cfg.output], [this_run])["rows_per_s"],
+        "output": cfg.output, "summary": summary, "verdict": summary["verdict"],
+    }
+
+
+def _gpu_name():
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001
+        return None
