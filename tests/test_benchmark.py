@@ -61,6 +61,9 @@ def run_quick(tmp_path, model_dir, tsv, *extra):
     out = tmp_path / "bench"
     cmd = [sys.executable, str(ROOT / "jobs" / "benchmark.py"), "--quick", "--model", str(model_dir),
            "--data", str(tsv), "--policy", "fit", "--fit-data", str(tsv), "--threads", "1",
+           # 12 items can guarantee no tighter promise than 50%: without it calibration writes a
+           # full-depth policy and the early-exit settings would measure nothing.
+           "--fit-agreement", "0.5",
            "--out", str(out), *extra]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -51,30 +51,19 @@ class RunSummary:
     """
 
     def __init__(self) -> None:
-        self.rows = 0
-        self.error_rows = 0
-        self.truncated_rows = 0
-        self.token_rows = 0
-        self.tokens = 0.0
-        self.num_layers = 0
+        self.rows = self.error_rows = self.truncated_rows = 0
+        self.token_rows, self.tokens, self.num_layers = 0, 0.0, 0
         self.by_label: dict[str | None, Counter] = {}
         # exit_layer_counts[k] = rows that stopped after layer k; index 0 stays 0.
         self.exit_layer_counts = np.zeros(1, dtype=np.int64)
         self.saved_histograms = {name: np.zeros(SAVED_SHARE_BINS, dtype=np.int64)
                                  for name in ("compute_saved", "exit_saved", "prefix_saved")}
-        self.audit_rows = 0
-        self.audit_agreeing = 0
-        self.calibration_rows = 0
+        self.audit_rows = self.audit_agreeing = self.calibration_rows = 0
         # Rows labeled by the policy (outside the --calibrate sample): what the promise is about.
-        self.policy_rows = 0
-        self.policy_layers_skipped = 0.0
-        self.policy_gold_rows = 0
-        self.policy_gold_correct = 0
-        self.full_gold_rows = 0  # audited rows with a gold label: accuracy at full depth
-        self.full_gold_correct = 0
-        self.gold_rows = 0
-        self.gold_correct = 0
-        self.gold_rows_without_label = 0
+        self.policy_rows, self.policy_layers_skipped = 0, 0.0
+        self.policy_gold_rows = self.policy_gold_correct = 0
+        self.full_gold_rows = self.full_gold_correct = 0  # audited rows with a gold label: accuracy at full depth
+        self.gold_rows = self.gold_correct = self.gold_rows_without_label = 0
 
     def update(self, batch: pa.RecordBatch) -> "RunSummary":
         ok = ~is_valid(column(batch, "error"))
