@@ -128,3 +128,24 @@ def betting_pvalue(losses, epsilon: float, seed: int = 0, cap: float = BET_CAP) 
     order = np.random.default_rng(seed).permutation(losses.shape[1])
     wealth = betting_wealth(losses[:, order], epsilon, cap)
     return np.minimum(1.0, 1.0 / np.maximum(wealth.max(1), 1.0))
+
+
+# -- Learn-then-Test ------------------------------------------------------------------------------
+
+
+def fixed_sequence(pvalues, delta: float) -> int | None:
+    """Fixed-sequence testing over hypotheses ordered before the data was seen (most conservative
+    first): accept while p <= delta, stop at the first failure. Controls the family-wise error at
+    delta with no correction for the number of hypotheses. Returns the index of the last accepted
+    one, or None if the first already fails."""
+    failed = np.flatnonzero(np.asarray(pvalues) > delta)
+    stop = failed[0] if len(failed) else len(pvalues)  # candidates [0, stop) are accepted
+    return int(stop) - 1 if stop > 0 else None
+
+
+def largest_accepted_count(n: int, epsilon: float, delta: float) -> int:
+    """The most losses among n items that the exact binomial test still accepts (-1: none)."""
+    k = int(n * epsilon)
+    while k >= 0 and binomial_pvalue(k, n, epsilon) > delta:
+        k -= 1
+    return k
