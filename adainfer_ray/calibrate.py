@@ -228,10 +228,15 @@ class Candidate:
     fit_saved: float  # FLOPs saved on the fit part at the loss the test part will likely accept
 
 
-def _outcomes(policy, thresholds, idx, labels, top, gap, final):
+def _decisions(policy, idx, labels, top, gap):
+    """The rule's scores [m, L] of items idx, in chunks (bounded memory for RBF SVMs)."""
+    chunks = np.array_split(idx, max(1, len(idx) // 1000))
+    return np.concatenate([decision_values(policy, top[c], gap[c], labels[c]) for c in chunks])
+
+
+def _outcomes(policy, thresholds, idx, labels, top, gap, final, dec=None):
     """Exit layers [m, K] and exit answers [m, K] of items idx at every threshold."""
-    chunks = np.array_split(idx, max(1, len(idx) // 1000))  # bounded memory for RBF SVMs
-    dec = np.concatenate([decision_values(policy, top[c], gap[c], labels[c]) for c in chunks])
+    dec = _decisions(policy, idx, labels, top, gap) if dec is None else dec
     exits = simulate_exits(dec, thresholds, policy.min_layer)
     return exits, exit_answers(exits, labels[idx], final[idx])
 
@@ -254,10 +259,9 @@ def choose_rule(modes, history_options, score, ctx, fit_idx, scored_fit, n_test,
             for rule in candidate_rules(mode, score, ctx["L"], ctx["min_layers"], history, top[fit_idx],
                                         gap[fit_idx], agrees[fit_idx], labels[fit_idx], svm):
                 used, full_reuse = ctx["costs"](mode, rule.first_read_layer)
-                dec = np.concatenate([decision_values(rule, top[c], gap[c], labels[c])
-                                      for c in np.array_split(fit_idx, max(1, len(fit_idx) // 1000))])
+                dec = _decisions(rule, fit_idx, labels, top, gap)
                 thresholds = candidate_thresholds(dec, rule.min_layer, num_thresholds)
-                exits, answers = _outcomes(rule, thresholds, fit_idx, labels, top, gap, ctx["final"])
+                exits, answers = _outcomes(rule, thresholds, fit_idx, labels, top, gap, ctx["final"], dec)
                 saved = _saved(exits, used[fit_idx], full_reuse[fit_idx])
                 sub = fit_idx[scored_fit]
                 losses = item_losses(answers[scored_fit], ctx["final"][sub], ctx["gold"][sub], ctx["promise"])
