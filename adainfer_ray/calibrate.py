@@ -55,7 +55,11 @@ from adainfer_ray.stats import betting_pvalue, binomial_pvalue, fixed_sequence, 
 
 DEFAULT_EPSILON, DEFAULT_DELTA = 0.01, 0.05
 PROMISES = ("agreement", "accuracy")
-DEFAULT_FIT_FRACTION = 0.5
+# With the mode, rule and thresholds all chosen on the fit part and one sequence tested, a smaller
+# fit part leaves more test power. Measured on 2,000 SST-2 train sentences (calibrate on 1,000,
+# measure on the other 1,000, eps 0.02, 3 seeds): 0.5 -> 28.6% of layers skipped outside the
+# sample, 0.3 -> 32.6% (the old code, delta split over 3 modes at 0.5: 27.4%).
+DEFAULT_FIT_FRACTION = 0.3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,6 +163,7 @@ def exit_answers(exit_layer: np.ndarray, layer_labels: np.ndarray, final_label: 
 def exit_costs(dims: ModelDims, prefix_tokens: int, item_tokens, mode: str, num_labels: int,
                min_layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """FLOPs of every item for every possible exit layer, prefix reused (as the classify job runs).
+    min_layer: the first layer where the exit head runs (the policy's `first_read_layer`).
 
     Returns used [n, L] (column e-1: the item stopped after layer e), full [n] (whole prompt, no
     reuse) and full_reuse [n] (every layer, prefix reused: the baseline early exit competes with).
