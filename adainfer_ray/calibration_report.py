@@ -19,18 +19,24 @@ from adainfer_ray.report.text import markdown_table
 
 
 def _table(rows: list[dict], has_gold: bool) -> list[str]:
-    header = ["threshold", "exits early", "layers skipped", "FLOPs saved", "agreement", "disagreements", "p-value",
-              "accepted"] + (["accuracy"] if has_gold else [])
+    header = ["threshold", "exits early", "layers skipped", "FLOPs saved", "agreement", "disagreements", "mean loss",
+              "p-value", "accepted"] + (["accuracy"] if has_gold else [])
     return markdown_table(header, [
         [f"{r['threshold']:.4f}", _pct(r["exit_early_share"]), _pct(r["layers_skipped"]), _pct(r["flops_saved"]),
-         _pct(r["agreement"], 2), r["disagreements"], f"{r['p_value']:.3g}", "yes" if r["accepted"] else ""]
-        + ([_pct(r["accuracy"], 2)] if has_gold else []) for r in rows])
+         _pct(r["agreement"], 2), r["disagreements"], f"{r['loss']:.4f}", f"{r['p_value']:.3g}",
+         "yes" if r["accepted"] else ""] + ([_pct(r["accuracy"], 2)] if has_gold else []) for r in rows])
 
 
 def _rows_to_show(rows: list[dict], every: int = 10) -> list[dict]:
     """Every `every`-th candidate, plus the last accepted one and its successor (the first failure)."""
     last = max((r["rank"] for r in rows if r["accepted"]), default=-1)
     return [r for r in rows if r["rank"] % every == 0 or r["rank"] in (last, last + 1)]
+
+
+def _promise_sentence(s: dict) -> str:
+    if s.get("promise") == "accuracy":
+        return f"early exit's accuracy at most {_pct(s['epsilon'], 2)} below full depth's (gold labels)"
+    return f"disagreement with the full model <= {s['epsilon']}"
 
 
 def render_markdown(result: CalibrationResult) -> str:
@@ -43,11 +49,17 @@ def render_markdown(result: CalibrationResult) -> str:
         f"(prompt {meta.get('task_fingerprint', '?')}), input `{meta.get('input', '?')}`.",
         f"Calibration sample: {s['calibration_size']} items, {s['fit_size']} to fit probes and exit rules, "
         f"{s['test_size']} to test thresholds (seed {s['seed']}).",
-        f"Guarantee asked: disagreement with the full model <= {s['epsilon']} "
-        f"with probability >= {1 - s['delta']:.3g}; "
-        f"delta split over {len(s['modes'])} feature modes ({', '.join(s['modes'])}): {s['delta_per_mode']:.3g} each, "
-        f"which accepts up to {_pct(s['tolerated_disagreement'], 2)} disagreement on the test part.",
-        f"Exit rules: `{s['score']}` scores; each mode's rule and min_layer were chosen on the fit part.",
+        f"Promise asked: {_promise_sentence(s)} with probability >= {1 - s['delta']:.3g}. "
+        f"One rule was chosen on the fit part among the candidates below (feature modes {', '.join(s['modes'])}, "
+        f"`{s['score']}` scores, with and without history as listed) and only its thresholds were tested, "
+        f"at the whole delta {s['delta']:.3g}"
+        + (f": the test accepts up to {_pct(s['tolerated_disagreement'], 2)} disagreement." if s.get("tolerated_disagreement") is not None else "."),
+        "",
+        "| candidate | history | best rule on the fit part | min_layer | FLOPs saved on the fit part |",
+        "|---|---|---|---|---|",
+        *[f"| {c['mode']} | {'yes' if c['history'] else 'no'} | `{c['rule']}` | {c['min_layer']} | "
+          f"{_pct(c['fit_flops_saved']) if c['fit_flops_saved'] is not None else 'none tolerated'} |"
+          for c in s.get("candidates", [])],
         "",
         "**Result.** " + s["message"],
         "",
@@ -61,7 +73,7 @@ def render_markdown(result: CalibrationResult) -> str:
         lines += [chosen + ".", ""]
     if has_gold:
         lines += ["## The paper's criterion (no guarantee)", "",
-                  "Per mode, the threshold with the most layers skipped whose accuracy on the test part is at most "
+                  "For the chosen rule, the threshold with the most layers skipped whose accuracy on the test part is at most "
                   "1 point below full depth "
                   f"({_pct(s['full_depth_accuracy'], 2)} on {s['gold_items']} items). Chosen and measured on the same "
                   "items, so optimistic.", ""]
@@ -70,7 +82,7 @@ def render_markdown(result: CalibrationResult) -> str:
             [mode, f"{r['threshold']:.4f}", _pct(r["layers_skipped"]), _pct(r["flops_saved"]), _pct(r["agreement"], 2),
              _pct(r["accuracy"], 2)] for mode, r in s["paper_criterion"].items()])
         lines.append("")
-    lines += ["## Every mode", "",
+    lines += ["## The chosen rule's thresholds", "",
               "Candidate thresholds from the most conservative down (every 10th shown, plus the last accepted "
               "and the first failure; calibration.json has them all). Shares are means over the test part; "
               "FLOPs saved is against a full-depth run that also reuses the prompt prefix.", ""]

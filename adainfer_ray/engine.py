@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from adainfer_ray.features import ExitFeatures, top2
+from adainfer_ray.features import FEATURE_MODES, ExitFeatures, top2
 from adainfer_ray.flops import ModelDims, item_flops
 from adainfer_ray.models import Packed
 from adainfer_ray.policy import ExitPolicy
@@ -81,6 +81,21 @@ class _Item:
     src: torch.Tensor | None = None  # the step output [N, D] holding its hidden states after the layers run so far
     start: int = 0  # ... as rows start : start + len(ids) of src
     done: bool = False  # its answer is recorded
+    # History of its exit answers (policies with history): kept here so it travels with the item
+    # when regrouping moves it between steps. streak: consecutive layers with `last_label`;
+    # tops: top-1 probability after each layer read so far (only the last few are ever looked at).
+    last_label: int = -1
+    streak: int = 0
+    tops: list | None = None
+
+    def remember(self, label: int, top: float, lag: int) -> tuple[int, float]:
+        """Add this layer's answer; return (streak, dtop) as `policy.history_features` defines them."""
+        self.streak = self.streak + 1 if label == self.last_label else 1
+        self.last_label = label
+        self.tops = (self.tops or []) + [top]
+        back = self.tops[max(len(self.tops) - 1 - lag, 0)]
+        del self.tops[: max(len(self.tops) - lag - 1, 0)]  # keep lag + 1 values
+        return self.streak, top - back
 
 
 def token_rows(starts, lengths) -> np.ndarray:
@@ -233,11 +248,14 @@ class EarlyExitEngine:
             self._record(batch, layers_run, _host(label, score), final=True)
             return []
         live = [b for b, it in enumerate(batch) if not it.done]
-        if live and self.policy.asks_at(layers_run):
+        if live and self.policy.reads_at(layers_run):
             if len(live) < len(batch):  # audited items that already exited run on without features
                 h_last = h_last.index_select(0, to_device(live, h_last.device))
             label, top, gap, score = self.features(k, h_last)
             label, score, top, gap = _host(label, score, top, gap)  # the step's one device -> host transfer
+            if self.policy.history:
+                self._history = np.array([batch[b].remember(int(lab), float(t), self.policy.dtop_lag)
+                                          for b, lab, t in zip(live, label, top)], np.float64).reshape(-1, 2)
             stop = np.flatnonzero(self._exits(layers_run, [batch[b] for b in live], top, gap))
             if len(stop):
                 self._record([batch[live[j]] for j in stop], layers_run, (label[stop], score[stop]))
@@ -245,7 +263,10 @@ class EarlyExitEngine:
 
     def _exits(self, layers_run: int, items: list[_Item], top: np.ndarray, gap: np.ndarray) -> np.ndarray:
         """Which of `items` (host features top, gap [B]) stop now: the policy decides. The benchmark
-        replays recorded decisions here on random-weight models of real shapes."""
+        replays recorded decisions here on random-weight models of real shapes. With history, the
+        items' streak and dtop were just updated by `_step` (host arithmetic: no extra transfer)."""
+        if self.policy.history:
+            return self.policy.exit_mask(layers_run, top, gap, self._history[:, 0], self._history[:, 1])
         return self.policy.exit_mask(layers_run, top, gap)
 
     def _record(self, items: list[_Item], layers_run: int, answer: tuple[np.ndarray, np.ndarray],
@@ -263,7 +284,7 @@ class EarlyExitEngine:
     def _with_flops(self, out: dict, item_lens: list[int]) -> dict[str, np.ndarray]:
         P = len(self.prefix_ids)
         mode = "none" if self.policy.never_exits else self.policy.features
-        flops = [item_flops(self.dims, P, n, int(e), mode, self.num_labels, self.policy.min_layer, self.reuse_prefix)
+        flops = [item_flops(self.dims, P, n, int(e), mode, self.num_labels, self.policy.first_read_layer, self.reuse_prefix)
                  for n, e in zip(item_lens, out["exit_layer"])]
         out["num_tokens"] = np.array([P + n for n in item_lens], np.int32)
         for key in ("used", "full", "full_reuse"):
@@ -273,17 +294,27 @@ class EarlyExitEngine:
     # -- calibration -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def trace(self, item_ids: list[list[int]]) -> dict[str, np.ndarray]:
+    def trace(self, item_ids: list[list[int]], modes=FEATURE_MODES) -> dict[str, np.ndarray]:
         """Run every item to full depth and keep every layer's exit features, for calibration.
 
-        Returns hidden [n, L, D] (final-normed last-token states, computed in the model's dtype and
-        stored as float32: exactly what the engine's probes read in production), for mode in
-        (vocab, label): {mode}_label, {mode}_top, {mode}_gap [n, L]; and final_label [n]."""
+        modes: the feature modes the calibration's candidates need (see `calibrate.trace_modes`).
+        Returns final_label [n] and label_label, label_top, label_gap [n, L] always (the label head
+        is a few rows: it gives the model's own answer too); with "vocab" also vocab_label,
+        vocab_top, vocab_gap [n, L] (a full-vocabulary head at every layer: the costly one, so only
+        when asked); with "probe" hidden [n, L, D] (final-normed last-token states, computed in the
+        model's dtype and stored as float32: exactly what the engine's probes read in production)."""
+        unknown = set(modes) - set(FEATURE_MODES)
+        if unknown:
+            raise ValueError(f"unknown feature modes {sorted(unknown)}: choose from {FEATURE_MODES}")
         n, L = len(item_ids), self.L
-        rec = {"hidden": None, "final_label": np.zeros(n, np.int32)}
-        for mode in ("vocab", "label"):
+        rec = {"final_label": np.zeros(n, np.int32)}
+        heads = ("vocab", "label") if "vocab" in modes else ("label",)
+        for mode in heads:
             rec.update({f"{mode}_label": np.zeros((n, L), np.int32), f"{mode}_top": np.zeros((n, L), np.float32),
                         f"{mode}_gap": np.zeros((n, L), np.float32)})
+        keep_hidden = "probe" in modes
+        if keep_hidden:
+            rec["hidden"] = None
         prefix = [] if self.reuse_prefix else self.prefix_ids
         queue = [_Item(i, prefix + list(ids), False) for i, ids in enumerate(item_ids)]
         label_ids = self.features.label_ids
@@ -292,13 +323,15 @@ class EarlyExitEngine:
             idx = np.array([it.index for it in batch])
             for k in range(L):
                 x = self.lm.final_norm(self._run_layer(k, batch))  # [B, D]
-                if rec["hidden"] is None:
-                    rec["hidden"] = np.zeros((n, L, x.shape[-1]), np.float32)
-                rec["hidden"][idx, k] = x.float().cpu().numpy()
-                logits = self.lm.head(x).float()
-                _, top, gap = top2(torch.softmax(logits, -1))
-                lab, _, _ = top2(torch.softmax(logits[:, label_ids], -1))
-                rec["vocab_label"][idx, k], rec["vocab_top"][idx, k], rec["vocab_gap"][idx, k] = _host(lab, top, gap)
+                if keep_hidden:
+                    if rec["hidden"] is None:
+                        rec["hidden"] = np.zeros((n, L, x.shape[-1]), np.float32)
+                    rec["hidden"][idx, k] = x.float().cpu().numpy()
+                if "vocab" in heads:
+                    logits = self.lm.head(x).float()
+                    _, top, gap = top2(torch.softmax(logits, -1))
+                    lab, _, _ = top2(torch.softmax(logits[:, label_ids], -1))
+                    rec["vocab_label"][idx, k], rec["vocab_top"][idx, k], rec["vocab_gap"][idx, k] = _host(lab, top, gap)
                 lab, top, gap = top2(torch.softmax(self.lm.head_rows(x, label_ids).float(), -1))
                 rec["label_label"][idx, k], rec["label_top"][idx, k], rec["label_gap"][idx, k] = _host(lab, top, gap)
             rec["final_label"][idx] = rec["label_label"][idx, L - 1]

@@ -17,10 +17,18 @@ import numpy as np
 import torch
 
 FEATURE_MODES = ("vocab", "label", "probe")
+# The modes calibration tries unless told otherwise. `vocab` (the paper's logit lens) is opt-in:
+# tracing it costs a full-vocabulary head at every layer, and on the models measured its answers
+# agree with the final one far less often than the label head's or a probe's.
+DEFAULT_CANDIDATE_MODES = ("label", "probe")
 
 
 def top2(probs):
-    """probs [B, K] -> (argmax [B], top-1 probability [B], top-1 minus top-2 [B])."""
+    """probs [..., K] -> (argmax [...], top-1 probability [...], top-1 minus top-2 [...]): a torch
+    tensor in the engine, a numpy array in calibration (probe probabilities of a trace)."""
+    if isinstance(probs, np.ndarray):
+        srt = np.sort(probs, axis=-1)
+        return probs.argmax(-1), srt[..., -1], srt[..., -1] - srt[..., -2]
     top = probs.topk(2, dim=-1)
     return top.indices[:, 0], top.values[:, 0], top.values[:, 0] - top.values[:, 1]
 

@@ -5,6 +5,13 @@ An SVM (as in AdaInfer) reads three numbers per item and layer, [top_prob, gap, 
 stops after layer l (1-based) when l >= min_layer and the SVM's decision value >= threshold. The
 threshold is chosen at calibration (see calibrate.py) to meet a stated agreement guarantee.
 
+History. A policy may also read how the answer evolved over the layers before (`history=True`):
+`streak`, for how many consecutive layers (ending at this one) the exit answer has held, over L;
+and `dtop`, the top-1 probability minus its value `dtop_lag` layers back. Both come from the
+same per-layer (label, top) the engine already reads, so they need no new head and no new
+transfer; the engine reads features from layer 1 on so that the streak is counted from there.
+A policy without history (every file written before) reads [top, gap, depth] as it always did.
+
 Artifacts are data: a folder with `policy.json` (settings, metadata) and `arrays.safetensors`
 (support vectors, coefficients, probe weights). Loading one never executes code.
 """
@@ -30,17 +37,39 @@ class PolicyError(ValueError):
     pass
 
 
-def exit_inputs(top_prob, gap, layers_run, num_layers):
-    """The SVM's input rows [n, 3]: top-1 probability, top-1 minus top-2, relative depth."""
+BASE_INPUTS, HISTORY_INPUTS = ("top", "gap", "depth"), ("top", "gap", "depth", "streak", "dtop")
+DEFAULT_DTOP_LAG = 3
+
+
+def exit_inputs(top_prob, gap, layers_run, num_layers, streak=None, dtop=None):
+    """The rule's input rows [..., 3]: top-1 probability, top-1 minus top-2, relative depth; with
+    history (streak [...] in layers, dtop [...]) [..., 5]: also streak / L and dtop."""
     depth = np.broadcast_to(np.asarray(layers_run, dtype=np.float64) / num_layers, np.shape(top_prob))
-    return np.stack([np.asarray(top_prob, np.float64), np.asarray(gap, np.float64), depth], axis=-1)
+    cols = [np.asarray(top_prob, np.float64), np.asarray(gap, np.float64), depth]
+    if streak is not None:
+        cols += [np.asarray(streak, np.float64) / num_layers, np.asarray(dtop, np.float64)]
+    return np.stack(cols, axis=-1)
+
+
+def history_features(layer_labels: np.ndarray, top: np.ndarray, lag: int = DEFAULT_DTOP_LAG):
+    """Per layer, from one mode's answers and top-1 probabilities [n, L] read from layer 1 on:
+    streak [n, L] (consecutive layers ending here with this layer's answer, >= 1) and dtop [n, L]
+    (top minus top `lag` layers back, or minus layer 1's top while fewer layers have run). The
+    engine keeps the same two numbers per item as it goes (`engine._Item.remember`)."""
+    n, L = layer_labels.shape
+    streak = np.ones((n, L), np.int64)
+    for col in range(1, L):
+        streak[:, col] = np.where(layer_labels[:, col] == layer_labels[:, col - 1], streak[:, col - 1] + 1, 1)
+    back = np.maximum(np.arange(L) - lag, 0)
+    return streak, top - top[:, back]
 
 
 class ExitPolicy:
     """Features -> stop/continue. `fit` on per-layer features of a calibration sample; `exit_mask` in the engine."""
 
     def __init__(self, features: str = "probe", kernel: str = "rbf", C: float = 1.0, gamma: float | str = "scale",
-                 min_layer: int = 1, threshold: float = 0.0, max_train: int = 6000, random_state: int = 0):
+                 min_layer: int = 1, threshold: float = 0.0, max_train: int = 6000, random_state: int = 0,
+                 history: bool = False, dtop_lag: int = DEFAULT_DTOP_LAG):
         if features not in FEATURE_MODES + ("none",):
             raise PolicyError(f"unknown feature mode {features!r}: choose from {FEATURE_MODES}")
         if kernel not in ("rbf", "linear"):
@@ -48,6 +77,7 @@ class ExitPolicy:
         self.features, self.kernel, self.C, self.gamma = features, kernel, C, gamma
         self.min_layer, self.threshold = min_layer, threshold
         self.max_train, self.random_state = max_train, random_state
+        self.history, self.dtop_lag = bool(history), int(dtop_lag)
         self.probes_: LinearProbes | None = None
         self.metadata: dict = {}
 
@@ -62,17 +92,30 @@ class ExitPolicy:
     def never_exits(self) -> bool:
         return self.features == "none"
 
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The names of the rule's inputs, in the order of exit_inputs' columns."""
+        return HISTORY_INPUTS if self.history else BASE_INPUTS
+
+    @property
+    def first_read_layer(self) -> int:
+        """The first layer after which the engine reads exit features: 1 with history (the streak
+        counts from there), else min_layer. FLOPs of the exit heads count from here."""
+        return 1 if self.history else self.min_layer
+
     # -- learning -------------------------------------------------------------------------------
 
-    def fit(self, top_prob: np.ndarray, gap: np.ndarray, agrees: np.ndarray) -> "ExitPolicy":
+    def fit(self, top_prob: np.ndarray, gap: np.ndarray, agrees: np.ndarray, layer_labels=None) -> "ExitPolicy":
         """top_prob, gap, agrees: [n, L] per item and layer (the last column, layer L, is ignored:
         there the answer is the full-depth answer by definition). agrees[i, l] = layer l+1's label
-        equals item i's full-depth label."""
+        equals item i's full-depth label. layer_labels [n, L]: each layer's answer (history only)."""
         from sklearn.svm import SVC
 
         n, L = top_prob.shape
         layers_run = np.arange(1, L + 1)
-        X = exit_inputs(top_prob, gap, layers_run, L)[:, self.min_layer - 1: L - 1].reshape(-1, 3)
+        hist = history_features(layer_labels, top_prob, self.dtop_lag) if self.history else (None, None)
+        width = len(self.inputs)
+        X = exit_inputs(top_prob, gap, layers_run, L, *hist)[:, self.min_layer - 1: L - 1].reshape(-1, width)
         y = agrees[:, self.min_layer - 1: L - 1].reshape(-1).astype(int)
         rng = np.random.default_rng(self.random_state)
         if len(y) > self.max_train:  # an RBF SVM is quadratic in its sample: a random subset is plenty for 3 features
@@ -81,7 +124,7 @@ class ExitPolicy:
         self.num_layers_ = L
         if len(np.unique(y)) < 2:  # every layer always agrees (or never does): a constant decision
             self.intercept_ = np.array([1.0 if y[0] == 1 else -1.0])
-            self.kernel_, self.vectors_, self.dual_ = "constant", np.zeros((0, 3)), np.zeros(0)
+            self.kernel_, self.vectors_, self.dual_ = "constant", np.zeros((0, width)), np.zeros(0)
             return self
         svm = SVC(kernel=self.kernel, C=self.C, gamma=self.gamma).fit(X, y)
         self.kernel_ = self.kernel
@@ -94,9 +137,9 @@ class ExitPolicy:
         return self
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
-        """X [..., 3] -> SVM decision values [...]: > 0 leans "this layer already agrees"."""
+        """X [..., 3] (with history [..., 5]) -> decision values [...]: > 0 leans "this layer already agrees"."""
         X = np.asarray(X, np.float64)
-        flat = X.reshape(-1, 3)
+        flat = X.reshape(-1, X.shape[-1])
         if self.kernel_ == "constant":
             out = np.full(len(flat), self.intercept_[0])
         elif self.kernel_ == "linear":
@@ -108,17 +151,23 @@ class ExitPolicy:
 
     # -- use ------------------------------------------------------------------------------------
 
-    def exit_mask(self, layers_run: int, top_prob: np.ndarray, gap: np.ndarray) -> np.ndarray:
+    def exit_mask(self, layers_run: int, top_prob: np.ndarray, gap: np.ndarray, streak=None, dtop=None) -> np.ndarray:
         """Which of the items that just ran `layers_run` layers stop now (never at the last layer:
-        there every item stops with the model's own answer)."""
+        there every item stops with the model's own answer). streak, dtop [B]: with history only."""
         n = len(top_prob)
         if self.never_exits or layers_run < self.min_layer or layers_run >= self.num_layers_:
             return np.zeros(n, dtype=bool)
-        return self.decision_function(exit_inputs(top_prob, gap, layers_run, self.num_layers_)) >= self.threshold
+        hist = (streak, dtop) if self.history else (None, None)
+        return self.decision_function(exit_inputs(top_prob, gap, layers_run, self.num_layers_, *hist)) >= self.threshold
 
     def asks_at(self, layers_run: int) -> bool:
-        """Does the policy look at features after this many layers? (else the engine skips them)"""
+        """Does the policy decide after this many layers?"""
         return not self.never_exits and self.min_layer <= layers_run < self.num_layers_
+
+    def reads_at(self, layers_run: int) -> bool:
+        """Does the engine read exit features after this many layers? (else it skips them) Where
+        the policy decides, and with history from layer 1 on too, to keep each item's streak."""
+        return not self.never_exits and self.first_read_layer <= layers_run < self.num_layers_
 
     # -- artifacts ------------------------------------------------------------------------------
 
@@ -131,6 +180,8 @@ class ExitPolicy:
             "C": self.C, "gamma": self.gamma, "min_layer": self.min_layer, "threshold": float(self.threshold),
             "num_layers": self.num_layers_, "metadata": self.metadata,
         }
+        if self.history:  # written only with history: a policy without it keeps its old file
+            settings.update(history=True, dtop_lag=self.dtop_lag)
         if not self.never_exits:
             settings.update(kernel_=self.kernel_, gamma_=getattr(self, "gamma_", None))
             arrays.update(vectors=self.vectors_, dual=self.dual_, intercept=self.intercept_)
@@ -169,7 +220,8 @@ class ExitPolicy:
             raise PolicyError(f"{path}: not an exit policy of format {FORMAT_VERSION}")
         try:
             policy = cls(features=settings["features"], kernel=settings["kernel"], C=settings["C"],
-                         gamma=settings["gamma"], min_layer=settings["min_layer"], threshold=settings["threshold"])
+                         gamma=settings["gamma"], min_layer=settings["min_layer"], threshold=settings["threshold"],
+                         history=settings.get("history", False), dtop_lag=settings.get("dtop_lag", DEFAULT_DTOP_LAG))
             policy.num_layers_, policy.metadata = settings["num_layers"], settings.get("metadata", {})
             if not policy.never_exits:
                 policy.kernel_, policy.gamma_ = settings["kernel_"], settings.get("gamma_")
@@ -188,7 +240,8 @@ class ExitPolicy:
         m = self.metadata
         if self.never_exits or not m.get("guaranteed"):
             return None
-        return {"epsilon": m.get("epsilon"), "delta": m.get("delta"), "calibration_size": m.get("calibration_size"),
+        return {"promise": m.get("promise", "agreement"),
+                "epsilon": m.get("epsilon"), "delta": m.get("delta"), "calibration_size": m.get("calibration_size"),
                 "layers_skipped": m.get("layers_skipped"), "dtype": m.get("dtype"), "device": m.get("device")}
 
     def check_compatible(self, model_hash: str, task_fingerprint: str, num_layers: int):

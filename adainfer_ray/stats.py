@@ -1,15 +1,20 @@
-"""Exact binomial statistics: the calibration test and the audit's confidence bound.
+"""The statistics behind the promises: p-values for calibration, confidence bounds for the audit.
 
-Both answer questions about a share of disagreements between early exit and the full model:
-calibration asks "is the risk above epsilon?" (a p-value), every run's audit asks "how high can
-the risk be, given what this sample shows?" (a one-sided upper confidence bound). Reports add a
-two-sided Wilson interval to every share they print (`proportion`). Leaf module: numpy and, when
-present, scipy.
+Two losses, two tests. Agreement: the loss is 1[early exit's label != the full model's], a 0/1
+loss, and its exact binomial test (`binomial_pvalue`) is the strongest valid one. Accuracy: the
+loss is 1[early exit wrong] - 1[full depth wrong] in {-1, 0, 1} (gold labels needed), a bounded
+loss that can be negative; `betting_pvalue` tests its mean by testing by betting (Waudby-Smith &
+Ramdas, 2023), whose variance-adaptive bets matter here because most items are concordant (loss 0).
+Every run's audit asks "how high can the risk be, given what this sample shows?" (a one-sided
+upper confidence bound). Reports add a two-sided Wilson interval to every share they
+print (`proportion`). Leaf module: numpy and, when present, scipy.
 """
 
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 
 def _binom_cdf_logspace(k: int, n: int, p: float) -> float:
@@ -116,3 +121,70 @@ def proportion(successes: int, trials: int) -> dict:
         "interval": "wilson",
     }
 
+
+# -- a bounded loss in [-1, 1]: testing by betting ------------------------------------------------
+
+# Bets are capped at BET_CAP / (1 - epsilon): a wealth factor 1 + lambda (epsilon - loss) stays
+# >= 1 - BET_CAP > 0 even at loss 1, so one bad item can never wipe the wealth out.
+BET_CAP = 0.75
+
+
+def betting_wealth(losses: np.ndarray, epsilon: float, cap: float = BET_CAP) -> np.ndarray:
+    """The bettor's wealth after each item, against H0 "E[loss] >= epsilon": losses [K, n] in
+    [-1, 1] (K candidates, items in the order they are revealed) -> wealth [K, n].
+
+    K_t = prod_{i<=t} (1 + lambda_i (epsilon - loss_i)). Under H0 each factor has mean <= 1 for any
+    lambda_i >= 0 fixed before item i is seen, so K is a non-negative supermartingale. lambda_i is
+    aGRAPA's (Waudby-Smith & Ramdas, 2023, sec. 5): the running mean of the payoff epsilon - loss
+    over its running second moment (the Kelly bet's second-order approximation), with a weak prior
+    so the first bets are small, clipped to [0, cap / (1 - epsilon)). It bets big only when past
+    items were mostly concordant, which is where a variance-adaptive bet wins over Hoeffding.
+    """
+    x = epsilon - np.atleast_2d(np.asarray(losses, np.float64))  # [K, n] payoffs
+    K, n = x.shape
+    prior_n, prior_m, prior_v = 1.0, 0.0, 1.0  # as if one item with payoff mean 0, second moment 1 had come
+    count = prior_n + np.arange(n)  # items seen before item t (plus the prior)
+    past_sum = np.concatenate([np.zeros((K, 1)), np.cumsum(x, 1)[:, :-1]], 1) + prior_m
+    past_sq = np.concatenate([np.zeros((K, 1)), np.cumsum(x**2, 1)[:, :-1]], 1) + prior_v
+    mean, second = past_sum / count, past_sq / count
+    lam = np.clip(mean / np.maximum(second, 1e-12), 0.0, cap / (1.0 - epsilon))  # predictable: past items only
+    return np.exp(np.cumsum(np.log1p(lam * x), 1))
+
+
+def betting_pvalue(losses, epsilon: float, seed: int = 0, cap: float = BET_CAP) -> np.ndarray:
+    """p-values of H0 "E[loss] >= epsilon" for K candidates, losses [K, n] (or [n]) in [-1, 1] on the
+    same n items: min(1, 1 / max_t K_t) (Ville's inequality: P(max_t K_t >= 1/a) <= a under H0).
+
+    The items are revealed in one seeded random order (the same for every candidate): the bound
+    is valid in any order fixed before the losses are seen, and a random one keeps a sorted input
+    (say, by length) from steering the bets.
+    """
+    losses = np.atleast_2d(np.asarray(losses, np.float64))
+    if losses.shape[1] == 0:
+        return np.ones(losses.shape[0])
+    if losses.min() < -1 or losses.max() > 1:
+        raise ValueError("betting_pvalue needs losses in [-1, 1]")
+    order = np.random.default_rng(seed).permutation(losses.shape[1])
+    wealth = betting_wealth(losses[:, order], epsilon, cap)
+    return np.minimum(1.0, 1.0 / np.maximum(wealth.max(1), 1.0))
+
+
+# -- Learn-then-Test ------------------------------------------------------------------------------
+
+
+def fixed_sequence(pvalues, delta: float) -> int | None:
+    """Fixed-sequence testing over hypotheses ordered before the data was seen (most conservative
+    first): accept while p <= delta, stop at the first failure. Controls the family-wise error at
+    delta with no correction for the number of hypotheses. Returns the index of the last accepted
+    one, or None if the first already fails."""
+    failed = np.flatnonzero(np.asarray(pvalues) > delta)
+    stop = failed[0] if len(failed) else len(pvalues)  # candidates [0, stop) are accepted
+    return int(stop) - 1 if stop > 0 else None
+
+
+def largest_accepted_count(n: int, epsilon: float, delta: float) -> int:
+    """The most losses among n items that the exact binomial test still accepts (-1: none)."""
+    k = int(n * epsilon)
+    while k >= 0 and binomial_pvalue(k, n, epsilon) > delta:
+        k -= 1
+    return k

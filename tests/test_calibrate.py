@@ -138,23 +138,27 @@ def test_calibrate_keeps_its_promise_and_saves(tiny_trace, tmp_path):
     result = run_calibrate(tiny_trace, gold=gold)
     s = result.summary
     assert s["guaranteed"] and s["layers_skipped"] > 0 and s["agreement"] >= 1 - 0.1
-    assert s["delta_per_mode"] == pytest.approx(0.05 / 3) and s["modes"] == ["vocab", "label", "probe"]
-    assert sum(s["exit_histogram"]) == s["test_size"] == 300
-    assert set(s["paper_criterion"]) == {"vocab", "label", "probe"}
+    assert s["promise"] == "agreement" and s["modes"] == ["label", "probe"]  # vocab is opt-in
+    # one candidate per mode x (without, with history), and the tested rule is the fit part's best
+    assert [(c["mode"], c["history"]) for c in s["candidates"]] == [
+        ("label", False), ("label", True), ("probe", False), ("probe", True)]
+    best = max(s["candidates"], key=lambda c: c["fit_flops_saved"] or -1)
+    assert (s["features"], s["history"], s["rule"]) == (best["mode"], best["history"], best["rule"])
+    assert sum(s["exit_histogram"]) == s["test_size"] == 600 - round(600 * cal.DEFAULT_FIT_FRACTION)
     meta = result.policy.metadata
     assert meta["model_hash"] == "llama" and meta["epsilon"] == 0.1 and meta["calibration_size"] == 600
-    # each mode's accepted rows form a prefix of its sequence, and the chosen one saves the most
-    for mode in ("vocab", "label", "probe"):
-        acc = [r["accepted"] for r in result.rows if r["mode"] == mode]
-        assert acc == sorted(acc, reverse=True)
-    best = max((r for r in result.rows if r["accepted"]), key=lambda r: r["flops_saved"])
-    assert s["flops_saved"] == best["flops_saved"] and s["features"] == best["mode"]
-    assert s["agreement"] == best["agreement"] and result.policy.threshold == best["threshold"]
+    # only the chosen rule's thresholds were tested, at the whole delta: accepted rows form a prefix
+    assert {r["rule"] for r in result.rows} == {s["rule"]}
+    acc = [r["accepted"] for r in result.rows]
+    assert acc == sorted(acc, reverse=True)
+    last = max(r["rank"] for r in result.rows if r["accepted"])
+    assert result.rows[last]["p_value"] <= 0.05 and (last + 1 == len(result.rows) or result.rows[last + 1]["p_value"] > 0.05)
+    assert s["flops_saved"] == result.rows[last]["flops_saved"] and result.policy.threshold == result.rows[last]["threshold"]
 
     # artifact round trip: same decisions, same metadata
     result.policy.save(tmp_path / "pol")
     loaded = ExitPolicy.load(tmp_path / "pol")
-    X = np.random.default_rng(1).random((40, 3))
+    X = np.random.default_rng(1).random((40, len(result.policy.inputs)))
     np.testing.assert_allclose(loaded.decision_function(X), result.policy.decision_function(X))
     assert loaded.threshold == result.policy.threshold and loaded.metadata["model_hash"] == "llama"
     assert json.loads((tmp_path / "pol" / "policy.json").read_text())["metadata"]["delta"] == 0.05
@@ -166,25 +170,28 @@ def test_calibrate_keeps_its_promise_and_saves(tiny_trace, tmp_path):
     assert {"report.md", "calibration.json", "savings_vs_agreement.png"} <= set(os.listdir(folder))
 
 
-@pytest.mark.parametrize("mode,score", [("label", "linear"), ("probe", "linear"), ("label", "svm")])
-def test_engine_exits_where_the_simulation_says(tiny_trace, mode, score):
+@pytest.mark.parametrize("mode,score,history", [("label", "linear", False), ("probe", "linear", False),
+                                                  ("label", "svm", False), ("label", "linear", True),
+                                                  ("probe", "linear", True)])
+def test_engine_exits_where_the_simulation_says(tiny_trace, mode, score, history):
     """The calibrated numbers are only true if the engine stops where the simulation assumed."""
     lm, trace, items, prefix = tiny_trace
-    result = run_calibrate(tiny_trace, features=mode, score=score, epsilon=0.2)
+    result = run_calibrate(tiny_trace, features=mode, score=score, epsilon=0.2, history=history)
     policy = result.policy
-    assert policy.features == mode and result.summary["guaranteed"]
+    assert policy.features == mode and policy.history == history and result.summary["guaranteed"]
     proba = policy.probes_.predict_proba(trace["hidden"]) if mode == "probe" else None
     labels, top, gap = cal.mode_features(trace, mode, proba)
-    sim = cal.simulate_exits(cal.decision_values(policy, top, gap), [policy.threshold], policy.min_layer)[:, 0]
-    out = EarlyExitEngine(lm, LABEL_IDS, policy=policy, prefix_ids=prefix).classify(items)
-    # float16 hidden states in the trace vs float32 in the engine can flip a decision at the threshold
-    assert (out["exit_layer"] == sim).mean() >= 0.97
-    assert (out["label"] == cal.exit_answers(sim[:, None], labels, trace["final_label"])[:, 0]).mean() >= 0.97
+    sim = cal.simulate_exits(cal.decision_values(policy, top, gap, labels), [policy.threshold], policy.min_layer)[:, 0]
+    for regroup in (True, False):  # regrouping moves items between steps: their history moves with them
+        out = EarlyExitEngine(lm, LABEL_IDS, policy=policy, prefix_ids=prefix, regroup=regroup).classify(items)
+        # float16 hidden states in the trace vs float32 in the engine can flip a decision at the threshold
+        assert (out["exit_layer"] == sim).mean() >= 0.97
+        assert (out["label"] == cal.exit_answers(sim[:, None], labels, trace["final_label"])[:, 0]).mean() >= 0.97
 
 
 def test_no_threshold_passes_gives_a_full_depth_policy(tiny_trace, tmp_path):
     lm, trace, _, prefix = tiny_trace
-    small = {k: v[:60] for k, v in trace.items()}  # 30 test items can never show risk <= 1% at 95%
+    small = {k: v[:60] for k, v in trace.items()}  # 42 test items can never show risk <= 1% at 95%
     result = cal.calibrate(small, ModelDims.from_config(lm.config), len(prefix), len(LABEL_IDS),
                            epsilon=0.01, delta=0.05, provenance=PROVENANCE, log=lambda *_: None)
     assert result.policy.never_exits and not result.summary["guaranteed"]
@@ -225,6 +232,31 @@ def test_calibration_with_groups_records_it(tiny_trace):
     groups = np.arange(len(items)) // 3
     result = run_calibrate(tiny_trace, groups=groups, epsilon=0.2)
     assert result.summary["grouped"] and result.summary["fit_size"] % 3 == 0
+
+
+def test_accuracy_promise_needs_gold_and_says_so(tiny_trace):
+    lm, trace, items, _ = tiny_trace
+    with pytest.raises(ValueError, match="gold labels"):
+        run_calibrate(tiny_trace, promise="accuracy")
+    gold = trace["final_label"].copy()
+    gold[::7] = (gold[::7] + 1) % 3  # full depth is right on about 6 items in 7
+    result = run_calibrate(tiny_trace, promise="accuracy", gold=gold, epsilon=0.1)
+    s = result.summary
+    assert s["promise"] == "accuracy" and s["guaranteed"] and "accuracy at most 10.00% below" in s["message"]
+    assert s["accuracy"] >= s["full_depth_accuracy"] - 0.1
+    row = next(r for r in result.rows if r["accepted"] and r["threshold"] == s["threshold"])
+    assert row["loss"] == pytest.approx(s["full_depth_accuracy"] - s["accuracy"])  # loss = accuracy lost
+    assert result.policy.promise["promise"] == "accuracy"
+
+
+def test_trace_without_vocab_calibrates_and_asks_for_missing_modes(tiny_trace):
+    lm, trace, items, prefix = tiny_trace
+    slim = {k: v for k, v in trace.items() if not k.startswith("vocab_")}
+    result = run_calibrate((lm, slim, items, prefix), epsilon=0.2)
+    assert result.summary["guaranteed"]
+    with pytest.raises(ValueError, match="modes=.*vocab"):
+        run_calibrate((lm, slim, items, prefix), features="all")
+    assert cal.trace_modes() == ("label", "probe") and cal.trace_modes("all") == ("vocab", "label", "probe")
 
 
 def test_score_auto_lets_the_fit_part_choose_the_family(tiny_trace):

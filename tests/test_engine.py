@@ -204,3 +204,38 @@ def test_trace_keeps_float32_hidden_states_the_probes_read(tiny_llama):
         hs = tiny_llama.model(torch.tensor([x]), output_hidden_states=True).hidden_states
         expect = tiny_llama.final_norm(hs[1][0, -1]).numpy()
     np.testing.assert_allclose(tr["hidden"][0, 0], expect, atol=1e-5)
+
+
+def test_trace_computes_only_the_modes_asked(tiny_llama):
+    items = random_items(7, seed=5)
+    full = EarlyExitEngine(tiny_llama, LABEL_IDS).trace(items)
+    slim = EarlyExitEngine(tiny_llama, LABEL_IDS).trace(items, modes=("label",))
+    assert set(slim) == {"final_label", "label_label", "label_top", "label_gap"}  # no vocab head, no hidden states
+    for key in slim:
+        np.testing.assert_array_equal(slim[key], full[key])
+    assert "hidden" in EarlyExitEngine(tiny_llama, LABEL_IDS).trace(items, modes=("label", "probe"))
+    with pytest.raises(ValueError, match="unknown feature modes"):
+        EarlyExitEngine(tiny_llama, LABEL_IDS).trace(items, modes=("logits",))
+
+
+def test_history_state_travels_with_items_under_regrouping(tiny_llama):
+    """A history policy exits the same items at the same layers whatever the batching: each item's
+    streak and recent tops live on the item, not on a batch slot."""
+    from adainfer_ray.policy import history_features
+    from adainfer_ray.rules import decision_values, linear_rule
+
+    items = random_items(40, seed=8)
+    tr = EarlyExitEngine(tiny_llama, LABEL_IDS).trace(items)
+    L = tiny_llama.num_layers
+    policy = linear_rule("label", L, 2, 0.0, 0.0, w_streak=0.3, w_dtop=0.5)
+    d = decision_values(policy, tr["label_top"], tr["label_gap"], tr["label_label"])[:, 1: L - 1]
+    best = np.sort(d.max(1))
+    policy.threshold = float(best[20] + best[21]) / 2  # about half exit early
+    runs = [EarlyExitEngine(tiny_llama, LABEL_IDS, policy=policy, regroup=r, max_batch_tokens=b).classify(items)
+            for r, b in ((True, 64), (True, 10_000), (False, 64))]
+    for out in runs[1:]:
+        np.testing.assert_array_equal(out["exit_layer"], runs[0]["exit_layer"])
+        np.testing.assert_array_equal(out["label"], runs[0]["label"])
+    assert 0 < (runs[0]["exit_layer"] < L).sum() < len(items)
+    streak, _ = history_features(tr["label_label"], tr["label_top"])
+    assert streak.max() > 1  # the streak did vary, so the test exercised it

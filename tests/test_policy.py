@@ -77,3 +77,32 @@ def test_full_depth_policy_never_exits():
     policy = ExitPolicy.full_depth(8)
     assert not policy.exit_mask(4, np.ones(5), np.ones(5)).any()
     assert not policy.asks_at(4)
+
+
+def test_shipped_policies_without_history_load_and_save_as_before(tmp_path):
+    from adainfer_ray.policy import SHIPPED_POLICIES
+
+    for folder in sorted(SHIPPED_POLICIES.iterdir()):
+        policy = ExitPolicy.load(folder)
+        assert not policy.history and policy.inputs == ("top", "gap", "depth")
+        assert policy.first_read_layer == policy.min_layer
+        policy.save(tmp_path / folder.name)
+        before = json.loads((folder / "policy.json").read_text())
+        after = json.loads((tmp_path / folder.name / "policy.json").read_text())
+        assert "history" not in after and set(after) == set(before)
+
+
+def test_history_policy_round_trip_and_features():
+    from adainfer_ray.policy import history_features
+    from adainfer_ray.rules import linear_rule
+
+    labels = np.array([[0, 0, 1, 1, 1, 0]])
+    top = np.array([[0.5, 0.6, 0.55, 0.7, 0.9, 0.8]])
+    streak, dtop = history_features(labels, top, lag=2)
+    assert streak.tolist() == [[1, 2, 1, 2, 3, 1]]
+    np.testing.assert_allclose(dtop, [[0.0, 0.1, 0.05, 0.1, 0.35, 0.1]])
+    policy = linear_rule("label", 6, 2, 0.0, 0.0, w_streak=0.5, w_dtop=0.0)
+    assert policy.history and policy.first_read_layer == 1 and policy.reads_at(1) and not policy.asks_at(1)
+    policy.threshold = 0.8
+    # top 0.6 + 0.5 * 2/6 = 0.767 < 0.8 stays; top 0.7 + 0.5 * 2/6 = 0.867 exits
+    assert policy.exit_mask(2, np.array([0.6, 0.7]), np.zeros(2), np.array([2, 2]), np.zeros(2)).tolist() == [False, True]
