@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from adainfer_ray.bench.workload import Workload
-from adainfer_ray.calibrate import linear_rule
+from adainfer_ray.rules import linear_rule
 from adainfer_ray.features import LinearProbes
 
 # Configs of public models (their config.json, the fields that set the cost of a layer).
