@@ -462,6 +462,7 @@ def synthetic_chunk(start, n, rng):
         "full_label": pc.if_else(pa.array(rng.random(n) < 0.05), labels, null_string),
         "gold_label": pc.if_else(pa.array(rng.random(n) < 0.5), labels, null_string),
         "calibration": pa.array(np.zeros(n, bool)),
+        "after_drift": pa.array(np.zeros(n, bool)),
         "error": pc.if_else(pa.array(error), pa.scalar("timeout"), null_string),
     }
     return pa.table(columns, schema=OUTPUT_SCHEMA)
