@@ -170,7 +170,7 @@ def test_a_worker_node_lost_mid_run_costs_only_time(tiny_model_dir, tmp_path):
     finally:
         subprocess.run(["bash", sh, "stop"], env=env, capture_output=True, text=True, timeout=120)
     assert job.returncode == 0, log[-5000:]
-    assert "SUCCEEDED" in log, log[-3000:]
+    assert "succeeded" in log, log[-3000:]
     table = read_output(out)
     ids = table.column("id").to_pylist()
     assert len(ids) == n and len(set(ids)) == n

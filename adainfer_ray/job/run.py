@@ -40,9 +40,10 @@ def run_classify(cfg: JobConfig, log=print, started_at: float | None = None) -> 
                         gold_one_based=plan.gold_one_based, run_state=state)
     try:
         write_output(ds, cfg.output, datetime.fromtimestamp(started_at, timezone.utc))
-    except Exception:
+    except Exception as e:
         drift = (runstate.ask(state, "audit_state") or {}).get("drift")
         if cfg.on_drift != "stop" or drift is None:
+            _stop_if_ray_gave_up(e, log)
             raise
         record = _run_record(cfg, plan, ray, res, identity, runs, state, calibration, done, audit_rate,
                              started_at, timeline, log)
@@ -53,6 +54,34 @@ def run_classify(cfg: JobConfig, log=print, started_at: float | None = None) -> 
                          started_at, timeline, log)
     io.write_json(cfg.output, SIDECAR_NAME, record)
     return record
+
+
+class RunInterrupted(JobError):
+    """Ray could not recover from a loss (the driver's node, objects whose owner died): the rows
+    written so far are kept, and the same command resumes."""
+
+
+def _stop_if_ray_gave_up(error: BaseException, log) -> None:
+    """A loss Ray did not recover from ends the run with one line (its traceback logged first), saying
+    that the same command resumes; any other error (a bug) keeps its traceback as it is."""
+    import traceback
+
+    from ray import exceptions as rx
+
+    lost = (rx.NodeDiedError, rx.ObjectLostError, rx.OwnerDiedError, rx.ActorDiedError, rx.RaySystemError,
+            rx.ActorUnavailableError)
+    cause = error
+    while cause is not None and not isinstance(cause, lost):
+        cause = cause.__cause__ or getattr(cause, "cause", None)
+    if cause is None:
+        return
+    log("".join(traceback.format_exception(error)))
+    try:
+        what = " ".join(str(cause).split())[:300]
+    except Exception:  # noqa: BLE001 - some Ray errors cannot print themselves outside Ray
+        what = "no message"
+    raise RunInterrupted(f"Ray could not recover from a lost part of the cluster ({type(cause).__name__}: {what}); "
+                         "the rows written so far are kept: run the same command again to resume") from error
 
 
 class DriftStopped(JobError):
