@@ -19,12 +19,14 @@ from conftest import review_texts
 pytestmark = pytest.mark.slow
 
 
-def promised_policy(tiny_policy_dir, folder, epsilon):
-    """The tiny test policy (about half the items exit early, on a random model) with a calibrated
-    promise written into it: at 1% it is false on these reviews, at 90% it holds."""
+def promised_policy(tiny_policy_dir, folder, epsilon, exit_after):
+    """The tiny test policy, set to stop every item after layer `exit_after` of 4, with a calibrated
+    1% promise written into it. On the tiny random model layer 1's label is the final one (the
+    promise holds) and layer 3's is not (it is broken for nearly every row)."""
     shutil.copytree(tiny_policy_dir, folder)
     meta_file = folder / "policy.json"
     doc = json.loads(meta_file.read_text())
+    doc.update(min_layer=exit_after, threshold=-1e9)
     doc["metadata"].update(guaranteed=True, epsilon=epsilon, delta=0.05, calibration_size=1000)
     meta_file.write_text(json.dumps(doc))
     return str(folder)
@@ -51,7 +53,7 @@ def table(out) -> pa.Table:
 def test_a_broken_promise_makes_the_run_label_the_rest_at_full_depth(ray_connected, tiny_model_dir,
                                                                      tiny_policy_dir, tmp_path):
     n = corpus(tmp_path / "in")
-    policy = promised_policy(tiny_policy_dir, tmp_path / "policy", 0.01)
+    policy = promised_policy(tiny_policy_dir, tmp_path / "policy", 0.01, exit_after=3)
     record = run(tiny_model_dir, tmp_path / "in", tmp_path / "out", policy)  # --on-drift full, the default
     drift = record["drift"]
     assert drift and drift["action"] == "full" and drift["lower_bound"] > 0.01 and drift["audited"] < n
@@ -60,6 +62,7 @@ def test_a_broken_promise_makes_the_run_label_the_rest_at_full_depth(ray_connect
     after = np.array(t["after_drift"])
     assert 0 < after.sum() < n  # rows before and after the decision, told apart
     assert all(e == 4 for e, a in zip(t["exit_layer"], after) if a)  # after it: the full model's labels
+    assert all(e == 3 for e, a in zip(t["exit_layer"], after) if not a)
     assert (~after).sum() >= drift["rows_labeled_before"]
     side = json.loads((tmp_path / "out" / SIDECAR_NAME).read_text())
     assert side["drift"]["at_s"] > 0 and side["runs"][-1]["drift"] == side["drift"]
@@ -69,7 +72,7 @@ def test_a_broken_promise_makes_the_run_label_the_rest_at_full_depth(ray_connect
 def test_on_drift_stop_ends_the_run_with_one_line_and_the_same_command_resumes(ray_connected, tiny_model_dir,
                                                                                tiny_policy_dir, tmp_path):
     n = corpus(tmp_path / "in", n=1200)
-    policy = promised_policy(tiny_policy_dir, tmp_path / "policy", 0.01)
+    policy = promised_policy(tiny_policy_dir, tmp_path / "policy", 0.01, exit_after=3)
     with pytest.raises(DriftStopped) as stopped:
         run(tiny_model_dir, tmp_path / "in", tmp_path / "out", policy, on_drift="stop")
     line = str(stopped.value)
@@ -85,7 +88,7 @@ def test_on_drift_stop_ends_the_run_with_one_line_and_the_same_command_resumes(r
 
 def test_a_promise_that_holds_never_makes_the_run_act(ray_connected, tiny_model_dir, tiny_policy_dir, tmp_path):
     n = corpus(tmp_path / "in")
-    policy = promised_policy(tiny_policy_dir, tmp_path / "policy", 0.9)
+    policy = promised_policy(tiny_policy_dir, tmp_path / "policy", 0.01, exit_after=1)
     record = run(tiny_model_dir, tmp_path / "in", tmp_path / "out", policy, on_drift="stop")
     assert record["drift"] is None and record["online_audit"]["audited"] == n
     assert not any(table(tmp_path / "out").column("after_drift").to_pylist())

@@ -45,8 +45,8 @@ def run_classify(cfg: JobConfig, log=print, started_at: float | None = None) -> 
         if cfg.on_drift != "stop" or drift is None:
             _stop_if_ray_gave_up(e, log)
             raise
-        record = _run_record(cfg, plan, ray, res, identity, runs, state, calibration, done, audit_rate,
-                             started_at, timeline, log)
+        record = _stopped_record(cfg, plan, ray, res, identity, runs, state, calibration, done, audit_rate,
+                                 started_at, timeline, log)
         io.write_json(cfg.output, SIDECAR_NAME, record)
         raise DriftStopped(drift_line(drift, record["rows"])) from None
 
@@ -229,6 +229,21 @@ def _run_record(cfg, plan, ray, res, identity, runs, state, calibration, done, a
         "output": cfg.output, "summary": summary, "verdict": summary["verdict"],
         "online_audit": audit, "drift": this_run["drift"],
     }
+
+
+def _stopped_record(cfg, plan, ray, res, identity, runs, state, calibration, done, audit_rate, started_at, timeline,
+                    log) -> dict:
+    """The run record of a run --on-drift stop ended; before any block was written, the identity, the
+    runs and the drift alone (what a resume and a reader of _run.json need)."""
+    if io.output_files(cfg.output) or calibration is not None:
+        return _run_record(cfg, plan, ray, res, identity, runs, state, calibration, done, audit_rate, started_at,
+                           timeline, log)
+    audit = runstate.ask(state, "audit_state", default=None)
+    drift = _drift_record(audit, started_at)
+    this_run = {**runs[-1], "end_time": datetime.now(timezone.utc).isoformat(), "rows_this_run": 0,
+                "on_drift": cfg.on_drift, "online_audit": audit, "drift": drift}
+    return {**identity, "runs": runs[:-1] + [this_run], "promise": plan.policy.promise, "flags": asdict(cfg),
+            "rows": len(done), "online_audit": audit, "drift": drift, "output": cfg.output}
 
 
 def _drift_record(audit: dict | None, started_at: float) -> dict | None:

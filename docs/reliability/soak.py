@@ -68,6 +68,25 @@ def pids(pattern: str) -> list[int]:
     return [int(p) for p in subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True).stdout.split()]
 
 
+def processes() -> list[tuple[int, int, str]]:
+    rows = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout.splitlines()
+    return [(int(r.split(None, 2)[0]), int(r.split(None, 2)[1]), r.split(None, 2)[2]) for r in rows if len(r.split(None, 2)) == 3]
+
+
+def model_actors(state: str) -> list[int]:
+    """This cluster's model actors: MapWorker processes whose parent is one of its raylets (other
+    clusters on this machine have theirs)."""
+    procs = processes()
+    raylets = {pid for pid, _, args in procs if "raylet" in args and f"{state}/ray/" in args}
+    return [pid for pid, ppid, args in procs if ppid in raylets and "MapWorker" in args]
+
+
+def drivers(out: str) -> list[int]:
+    """The job's driver (not `ray job submit`, whose command line also names it)."""
+    return [pid for pid, _, args in processes() if "jobs/classify.py" in args and f"--output {out}" in args
+            and "job submit" not in args]
+
+
 def rss_mb(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -99,15 +118,12 @@ def watch(job, state: str, out: str, kill_every: float, stop_at_rows: int | None
     last_kill = time.time()
     while job.poll() is None:
         time.sleep(5)
-        actors = pids("MapWorker")
-        driver = pids("jobs/classify.py --input")
+        actors, driver = model_actors(state), drivers(out)
         samples.append({"t_s": round(time.time() - started, 1), "rows": rows_written(out),
-                        "driver_rss_mb": round(sum(rss_mb(p) for p in driver if "ray job submit" not in
-                                                   open(f"/proc/{p}/cmdline").read().replace("\0", " ")), 1)
-                        if driver else None,
+                        "driver_rss_mb": round(sum(rss_mb(p) for p in driver), 1) if driver else None,
                         "actor_rss_mb": [round(rss_mb(p), 1) for p in actors]})
         if stop_at_rows is not None and samples[-1]["rows"] >= stop_at_rows:
-            for p in pids(f"{state}/ray/"):  # the whole cluster, head included, at once
+            for p in model_actors(state) + pids(f"{state}/ray/"):  # the whole cluster, head included, at once
                 subprocess.run(["kill", "-KILL", str(p)])
             kills.append({"t_s": samples[-1]["t_s"], "what": "whole cluster", "rows": samples[-1]["rows"]})
             job.kill()
@@ -151,7 +167,8 @@ def main(argv=None) -> int:
     record = {
         "command": " ".join(sys.argv), "rows_in": n, "rows_out": len(ids), "unique_ids": len(set(ids)),
         "each_id_once": len(ids) == n == len(set(ids)), "error_rows": len(ids) - table.column("error").null_count,
-        "runs_in_sidecar": len(side["runs"]), "one_identity": len({r.get("model_hash") for r in side["runs"]} - {None}) <= 1,
+        "runs_in_sidecar": len(side["runs"]), "resumed_rows": side.get("resumed_rows"),
+        "rows_this_run": side.get("rows_this_run"), "one_identity": len({r.get("model_hash") for r in side["runs"]} - {None}) <= 1,
         "driver_peak_rss_mb": max((s["driver_rss_mb"] or 0) for s in samples),
         "actor_peak_rss_mb": max((max(s["actor_rss_mb"]) if s["actor_rss_mb"] else 0) for s in samples),
         "kills": kills, "phases": phases, "rows_over_time": rate, "samples": samples,
