@@ -57,13 +57,16 @@ def lower_bound(counts: dict[float, int], lo: float, alpha: float, tol: float = 
 class OnlineAudit:
     """Counts of the audit so far and the decision: fit-free, updated per block with `add`.
 
-    kind: "agreement" (counts of audited rows and changed labels) or "accuracy" (audited rows with a
-    gold label: early exit wrong where full depth was right, and the reverse). Under "accuracy" an
-    audit without gold labels checks agreement only, and says so (`checks`)."""
+    kind: the promise, "agreement" (counts of audited rows and changed labels) or "accuracy"
+    (audited rows with a gold label: early exit wrong where full depth was right, and the reverse).
+    gold: whether the input has gold labels. An accuracy promise over an input without them is
+    checked on agreement only, and says so (`checks`). Which one is tested is fixed before the
+    first look: switching as rows arrive would test two hypotheses on one alpha."""
 
     epsilon: float
     alpha: float = 0.05
     kind: str = "agreement"
+    gold: bool = True
     audited: int = 0
     changed: int = 0
     with_gold: int = 0
@@ -74,7 +77,7 @@ class OnlineAudit:
     @property
     def checks(self) -> str:
         """What the test can check: accuracy needs gold labels; without them, agreement is checked."""
-        return "accuracy" if self.kind == "accuracy" and self.with_gold else "agreement"
+        return "accuracy" if self.kind == "accuracy" and self.gold else "agreement"
 
     def add(self, audited: int, changed: int, with_gold: int = 0, exit_only_wrong: int = 0,
             full_only_wrong: int = 0) -> bool:

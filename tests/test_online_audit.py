@@ -79,7 +79,7 @@ def test_under_an_accuracy_promise_it_checks_accuracy_where_gold_labels_exist():
     for _ in range(20):  # now early exit is wrong where full depth was right, 1 row in 5
         audit.add(audited=25, changed=5, with_gold=25, exit_only_wrong=5, full_only_wrong=0)
     assert audit.broken_
-    blind = OnlineAudit(0.02, kind="accuracy")  # no gold labels: it can only check agreement, and says so
+    blind = OnlineAudit(0.02, kind="accuracy", gold=False)  # no gold labels: it checks agreement, and says so
     blind.add(audited=300, changed=30)
     assert blind.checks == "agreement" and blind.broken_ and blind.to_dict()["kind"] == "accuracy"
 

@@ -29,7 +29,7 @@ def run_classify(cfg: JobConfig, log=print, started_at: float | None = None) -> 
     plan, ray, res, identity, previous = _start(cfg, log, timeline)
     state = runstate.start(f"{datetime.fromtimestamp(started_at, timezone.utc):%Y%m%dT%H%M%S}-{os.getpid()}")
     plan, calibration = _settle_policy(cfg, plan, ray, res, identity, previous, state, log)
-    ray.get(state.set_audit.remote(online_audit(plan.policy), cfg.on_drift))  # of the policy labeling uses
+    ray.get(state.set_audit.remote(online_audit(plan.policy, cfg.label_column is not None), cfg.on_drift))
     done = resume.done_ids(cfg.output, log)
     _say_what_is_kept(cfg, calibration, done, log)
     runs = _start_record(cfg, plan, res, identity, previous, started_at)
@@ -88,14 +88,14 @@ class DriftStopped(JobError):
     """--on-drift stop: the online audit showed the promise broken; the output so far is resumable."""
 
 
-def online_audit(policy) -> OnlineAudit | None:
+def online_audit(policy, gold: bool) -> OnlineAudit | None:
     """The audit checked as blocks finish: of the policy's promise (epsilon; agreement, or accuracy
     where the promise is on accuracy and rows carry gold labels). None for a policy that promises nothing."""
     promise = policy.promise
     if policy.never_exits or not promise or not promise.get("epsilon"):
         return None
     kind = promise.get("kind") or policy.metadata.get("promise") or "agreement"
-    return OnlineAudit(float(promise["epsilon"]), kind="accuracy" if kind == "accuracy" else "agreement")
+    return OnlineAudit(float(promise["epsilon"]), kind="accuracy" if kind == "accuracy" else "agreement", gold=gold)
 
 
 def drift_line(drift: dict, rows_written: int) -> str:
