@@ -4,7 +4,7 @@ started again, and the same command resubmitted. It checks rows in = rows out, e
 run identity in _run.json, and records memory (driver and actors, peak RSS) and throughput over time.
 
     flock /tmp/adainfer-ray.lock python docs/reliability/soak.py --rows 20000      # hours on 2 cores
-    flock /tmp/adainfer-ray.lock python docs/reliability/soak.py --rows 1200 --kill-every 60
+    flock /tmp/adainfer-ray.lock python docs/reliability/soak.py --rows 2400 --files 60 --kill-every 60
 
 Writes docs/reliability/soak-<rows>.json. Needs ../shared/data/sst2/train.tsv (or --tsv).
 """
@@ -123,14 +123,17 @@ def watch(job, state: str, out: str, kill_every: float, stop_at_rows: int | None
                         "driver_rss_mb": round(sum(rss_mb(p) for p in driver), 1) if driver else None,
                         "actor_rss_mb": [round(rss_mb(p), 1) for p in actors]})
         if stop_at_rows is not None and samples[-1]["rows"] >= stop_at_rows:
-            for p in model_actors(state) + pids(f"{state}/ray/"):  # the whole cluster, head included, at once
+            # The whole cluster at once, head included, and the job's driver with it (it runs on the head
+            # node, but its command line does not name the node's temp dir).
+            for p in drivers(out) + model_actors(state) + pids(f"{state}/ray/"):
                 subprocess.run(["kill", "-KILL", str(p)])
             kills.append({"t_s": samples[-1]["t_s"], "what": "whole cluster", "rows": samples[-1]["rows"]})
             job.kill()
             return True
         if kill_every and time.time() - last_kill >= kill_every and actors:
-            subprocess.run(["kill", "-KILL", str(actors[0])])
-            kills.append({"t_s": samples[-1]["t_s"], "what": f"model actor pid {actors[0]}", "rows": samples[-1]["rows"]})
+            victim = max(actors)  # the youngest: the actor nearest its block's end keeps its work
+            subprocess.run(["kill", "-KILL", str(victim)])
+            kills.append({"t_s": samples[-1]["t_s"], "what": f"model actor pid {victim}", "rows": samples[-1]["rows"]})
             last_kill = time.time()
     return False
 
@@ -138,7 +141,8 @@ def watch(job, state: str, out: str, kill_every: float, stop_at_rows: int | None
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=20_000)
-    p.add_argument("--files", type=int, default=40)
+    p.add_argument("--files", type=int, default=500, help="input files; each is one block, so a kill costs at most "
+                   "rows/files rows of work per actor")
     p.add_argument("--kill-every", type=float, default=60.0, help="seconds between model-actor kills (0: none)")
     p.add_argument("--stop-cluster-at", type=float, default=0.6, help="share of rows at which the whole cluster dies")
     p.add_argument("--cpus", type=int, default=2, help="logical CPUs per node")
