@@ -13,6 +13,14 @@ attempt, forever. So each block is counted:
 
 The counts live in this actor, not in the model actors, because these are what die. A block is known
 by a digest of its ids, which Ray's retry hands over unchanged.
+
+The same actor keeps the online audit (online_audit.py): each labeled block's audit counts, and the
+decision, read by the model actors as each block begins (--on-drift).
+
+Losing it must not lose the run. It is placed on the driver's node (under `ray job submit`, the
+head), which a job cannot outlive anyway, so a lost worker node never takes it; and every call from
+a model actor tolerates its loss all the same: the run then goes on without poison-row accounting
+and without the online audit, and the end summary says so.
 """
 
 from __future__ import annotations
@@ -29,6 +37,10 @@ class RunState:
     and when the model actors reached each step of the run (its timeline: start-up, first and last labels)."""
 
     def __init__(self):
+        self.audit, self.on_drift = None, "warn"  # online_audit.OnlineAudit once labeling starts (set_audit)
+        self.counted: set[str] = set()  # blocks whose audit counts are in: a retried block counts once
+        self.rows_labeled = 0  # rows of blocks labeled so far (the drift record says how many came before)
+        self.drift: dict | None = None  # when and why the run acted, once the audit showed the promise broken
         self.attempts: dict[str, int] = {}
         self.in_flight: dict[str, int] = {}  # block -> the row being labeled one at a time
         self.kills: dict[str, dict[int, int]] = {}  # block -> row -> actor deaths while it ran
@@ -54,14 +66,35 @@ class RunState:
     def marks(self) -> dict[str, float]:
         return dict(self.times)
 
-    def begin(self, block: str) -> tuple[int, dict[int, int]]:
-        """A model actor starts `block`: returns (attempt number, actor deaths per row so far)."""
+    def begin(self, block: str) -> tuple[int, dict[int, int], bool]:
+        """A model actor starts `block`: returns (attempt number, actor deaths per row so far, whether
+        the audit has shown the promise broken)."""
         self.attempts[block] = self.attempts.get(block, 0) + 1
         row = self.in_flight.pop(block, None)
         if row is not None:  # the last attempt died while this row ran
             kills = self.kills.setdefault(block, {})
             kills[row] = kills.get(row, 0) + 1
-        return self.attempts[block], dict(self.kills.get(block, {}))
+        return self.attempts[block], dict(self.kills.get(block, {})), self.drift is not None
+
+    def set_audit(self, audit, on_drift: str) -> None:
+        """The online audit of the policy the labeling uses (None: it promises nothing), and --on-drift."""
+        self.audit, self.on_drift = audit, on_drift
+
+    def add_audit(self, block: str, rows: int, counts: dict) -> None:
+        """A labeled block's rows and audit counts (OnlineAudit.add's arguments): once per block."""
+        if block in self.counted:
+            return
+        self.counted.add(block)
+        self.rows_labeled += rows
+        if self.audit is not None and self.drift is None and self.audit.add(**counts):
+            self.drift = {"action": self.on_drift, "at": timestamp(), "rows_labeled_before": self.rows_labeled,
+                          "why": "the online audit's lower bound exceeds epsilon", **self.audit.to_dict()}
+
+    def audit_state(self) -> dict | None:
+        """The audit's running counts and bound, and the drift record once the run acted (None: no audit)."""
+        if self.audit is None:
+            return None
+        return {**self.audit.to_dict(), "drift": self.drift}
 
     def started(self, block: str, row: int) -> None:
         self.in_flight[block] = row
@@ -73,10 +106,33 @@ class RunState:
 
 
 def start(run_id: str):
-    """Create this run's state actor (on the driver). Model actors get its handle."""
+    """Create this run's state actor on the driver's node (see top). Model actors get its handle."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, max_restarts=0)(RunState).options(
+        name=f"adainfer-run-{run_id}", scheduling_strategy=here).remote()
+
+
+def lost(error: BaseException) -> bool:
+    """Whether `error` says the run-state actor is gone (its node died, or it was killed)."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    return isinstance(error, (ActorDiedError, ActorUnavailableError, RayActorError))
+
+
+def ask(state, method: str, *args, default=None):
+    """ray.get(state.<method>(*args)), or `default` once the run-state actor is lost: it costs the
+    poison-row accounting and the online audit, never the run."""
     import ray
 
-    return ray.remote(num_cpus=0, max_restarts=0)(RunState).options(name=f"adainfer-run-{run_id}").remote()
+    try:
+        return ray.get(getattr(state, method).remote(*args))
+    except Exception as e:  # noqa: BLE001 - only the actor's loss is tolerated
+        if lost(e):
+            return default
+        raise
 
 
 def register_actor(state) -> None:
@@ -112,15 +168,18 @@ def block_key(ids) -> str:
     return hashlib.blake2b("\x00".join(map(str, ids)).encode(), digest_size=16).hexdigest()
 
 
-def label_block(state, ids, rows: list[int], errors: list, label) -> None:
-    """Label `rows` of a block with `label(rows)`; on a retried block, one row at a time (see top)."""
-    import ray
-
-    if state is None:
-        label(rows)
-        return
+def begin_block(state, ids) -> tuple[str, int, dict[int, int], bool]:
+    """(block key, attempt, actor deaths per row, drifted) for a block a model actor starts; without a
+    run state (label() stage, or lost) every block is a first attempt and no drift is known."""
     key = block_key(ids)
-    attempt, kills = ray.get(state.begin.remote(key))
+    if state is None:
+        return key, 1, {}, False
+    return (key, *ask(state, "begin", key, default=(1, {}, False)))
+
+
+def label_block(state, key: str, attempt: int, kills: dict[int, int], rows: list[int], errors: list,
+                label) -> None:
+    """Label `rows` of a block with `label(rows)`; on a retried block, one row at a time (see top)."""
     if attempt == 1:
         label(rows)
     else:
@@ -128,13 +187,24 @@ def label_block(state, ids, rows: list[int], errors: list, label) -> None:
             if kills.get(i, 0) >= ROW_KILL_LIMIT:
                 errors[i] = f"labeling this row killed the model actor {kills[i]} times: given up"
                 continue
-            ray.get(state.started.remote(key, i))  # recorded before the row runs: it may kill us
+            ask(state, "started", key, i)  # recorded before the row runs: it may kill us
             label([i])
-    state.end.remote(key)
+    if state is not None:
+        state.end.remote(key)  # fire and forget: a lost actor's error is never fetched
+
+
+def add_audit(state, key: str, rows: int, counts: dict) -> None:
+    """A labeled block's audit counts (fire and forget)."""
+    if state is not None:
+        state.add_audit.remote(key, rows, counts)
 
 
 def crash_drill(texts) -> None:
-    """Reliability tests kill the actor on a chosen row: ADAINFER_CRASH_ON_TEXT=<substring>."""
+    """Reliability tests kill the actor on a chosen row: ADAINFER_CRASH_ON_TEXT=<substring>; and slow
+    each labeling call by ADAINFER_DRILL_SLEEP_S seconds, so that a killed node lands mid-run."""
+    pause = float(os.environ.get("ADAINFER_DRILL_SLEEP_S") or 0)
+    if pause:
+        time.sleep(pause)
     poison = os.environ.get("ADAINFER_CRASH_ON_TEXT")
     if poison and any(poison in t for t in texts):
         os._exit(1)

@@ -22,6 +22,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("full_label", pa.string()),      # full-depth label for audited rows (--audit-fraction), else null
     ("gold_label", pa.string()),      # the input's gold label (as a label name) with --label-column, else null
     ("calibration", pa.bool_()),      # in the --calibrate sample: labeled at full depth, and it made the policy
+    ("after_drift", pa.bool_()),      # labeled after the online audit showed the promise broken (--on-drift)
     ("error", pa.string()),           # null when fine; what went wrong otherwise
 ])
 
@@ -31,6 +32,7 @@ OUTPUT_COLUMNS = OUTPUT_SCHEMA.names
 SIDECAR_NAME = "_run.json"
 # Keys it holds: model, model_hash, policy, task, template, labels, flags, ray_version,
 # device ("cpu" / "cuda"), gpu_name (or null), num_gpus (GPUs the job held), num_actors,
+# drift (null, or when and why the online audit made the run act: --on-drift), audit (its counts),
 # start_time, end_time (ISO 8601 UTC), wall_s, rows, errors, rows_per_s, output; first_labels_s
 # (seconds from the command's start until the first batch of labels was done) and, per run, timeline
 # (seconds from the command's start to each step: preflight done, Ray ready, first actor started, its

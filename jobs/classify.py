@@ -44,9 +44,15 @@ def parse_args(argv=None):
     g.add_argument("--audit-rows", type=int, default=cli.DEFAULTS.audit_rows,
                    help="audit at least this many rows (all rows of a smaller corpus): 300 is the fewest that can "
                         "confirm a 1%% promise at 95%% confidence; costs at most that many full-depth rows")
+    g.add_argument("--on-drift", default=cli.DEFAULTS.on_drift, choices=["full", "stop", "warn"],
+                   help="what the run does once its audit, checked as blocks finish (anytime-valid at 95%%), shows "
+                        "the policy's promise broken on this corpus: full labels every remaining row at full depth "
+                        "(after_drift = true), stop ends the run with one line and a resumable output, warn only "
+                        "says so at the end. Default full: every label from then on is the full model's, so the "
+                        "promise holds for them, and an overnight run still finishes")
     a = p.parse_args(argv)
     return cli.config_from_args(a, output=a.output, policy=a.policy, calibrate=a.calibrate, overwrite=a.overwrite,
-                                audit_fraction=a.audit_fraction, audit_rows=a.audit_rows)
+                                audit_fraction=a.audit_fraction, audit_rows=a.audit_rows, on_drift=a.on_drift)
 
 
 def classify(cfg) -> int:

@@ -131,3 +131,50 @@ def test_stop_stops_only_its_own_cluster(ray_cluster):
     assert len(cluster_node_ids(ray_cluster)) == 2  # the session's cluster still runs
     status = ray_cluster["local_sh"]("status")
     assert status.returncode == 0 and "node_1" in status.stdout, status.stderr
+
+
+def test_a_worker_node_lost_mid_run_costs_only_time(tiny_model_dir, tmp_path):
+    """Issue 19: every process of the worker node (raylet, model actor, workers) SIGKILLed once the
+    job has written a few files. The run-state actor lives on the driver's node (the head), so the
+    job goes on there, runs the lost node's blocks again, and SUCCEEDS: each id once, no error rows."""
+    import shlex
+    import time
+
+    state = tempfile.mkdtemp(prefix="rc3-", dir="/tmp")
+    env = {**os.environ, "ADAINFER_CLUSTER_STATE": state}
+    sh = os.path.join(ROOT, "cluster", "local.sh")
+    r = subprocess.run(["bash", sh, "start", "--nodes", "2", "--port", str(free_port()), "--dashboard-port",
+                        str(free_port()), "--num-cpus", "2"], env=env, capture_output=True, text=True, timeout=300)
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        exports = dict(shlex.split(line.removeprefix("export "))[0].split("=", 1)
+                       for line in subprocess.run(["bash", sh, "env"], env=env, capture_output=True,
+                                                  text=True).stdout.splitlines())
+        n = write_inputs(tmp_path / "in", n_files=12, rows=100)
+        out = tmp_path / "out"
+        cmd = ["ray", "job", "submit", "--working-dir", ROOT, "--", "env", "ADAINFER_DRILL_SLEEP_S=0.5",
+               "python", "jobs/classify.py", "--input", str(tmp_path / "in"), "--output", str(out), "--model",
+               str(tiny_model_dir), "--policy", "full", "--actors", "2", "--batch-size", "20",
+               "--audit-fraction", "0"]
+        job = subprocess.Popen(cmd, cwd=ROOT, env={**env, **exports}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 300
+        while len(glob.glob(str(out / "*.parquet"))) < 3 and time.time() < deadline and job.poll() is None:
+            time.sleep(0.5)
+        worker = subprocess.run(["pgrep", "-f", "--", f"{state}/ray/n1/"], capture_output=True, text=True).stdout.split()
+        assert worker and job.poll() is None, "the job ended before the node could be killed"
+        for pid in worker:  # the whole worker node, at once: raylet, its workers, the model actor there
+            subprocess.run(["kill", "-KILL", pid])
+        written_before = len(glob.glob(str(out / "*.parquet")))
+        log, _ = job.communicate(timeout=600)
+    finally:
+        subprocess.run(["bash", sh, "stop"], env=env, capture_output=True, text=True, timeout=120)
+    assert job.returncode == 0, log[-5000:]
+    assert "succeeded" in log, log[-3000:]
+    table = read_output(out)
+    ids = table.column("id").to_pylist()
+    assert len(ids) == n and len(set(ids)) == n
+    assert table.column("error").null_count == n  # the loss made no error rows
+    side = json.loads((out / SIDECAR_NAME).read_text())
+    assert len(side["actor_nodes"]) == 2, side["actor_nodes"]  # the lost node had done work
+    assert written_before < len(glob.glob(str(out / "*.parquet")))  # and the run went on after the loss

@@ -343,6 +343,27 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch):
         classify_cli.main(["--policy", "full"])
 
 
+def test_a_loss_ray_cannot_recover_from_ends_with_one_line_that_says_the_same_command_resumes(capsys):
+    from ray.exceptions import RaySystemError
+
+    from adainfer_ray.cli import run_main
+    from adainfer_ray.job.run import _stop_if_ray_gave_up
+
+    def lost_cluster():
+        try:
+            raise RaySystemError("the node holding this object died")
+        except RaySystemError as inner:
+            error = RuntimeError("Ray Data gave up")  # as the streaming executor wraps it
+            error.__cause__ = inner
+        _stop_if_ray_gave_up(error, log=lambda *a: None)
+        raise error
+
+    assert run_main(lost_cluster) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "RaySystemError" in err and "run the same command again to resume" in err
+    assert _stop_if_ray_gave_up(ValueError("a bug"), log=print) is None  # a bug is no lost node: raised as it is
+
+
 def test_user_errors_raised_inside_ray_tasks_still_print_one_line(monkeypatch, capsys):
     import ray.exceptions
 

@@ -462,6 +462,7 @@ def synthetic_chunk(start, n, rng):
         "full_label": pc.if_else(pa.array(rng.random(n) < 0.05), labels, null_string),
         "gold_label": pc.if_else(pa.array(rng.random(n) < 0.5), labels, null_string),
         "calibration": pa.array(np.zeros(n, bool)),
+        "after_drift": pa.array(np.zeros(n, bool)),
         "error": pc.if_else(pa.array(error), pa.scalar("timeout"), null_string),
     }
     return pa.table(columns, schema=OUTPUT_SCHEMA)
@@ -547,3 +548,22 @@ def test_multi_million_row_output_is_summarised_in_bounded_memory(tmp_path):
     assert measured["report_kib"] * kib < table_bytes
     # Joining the 3 M-row run with another by id holds one bucket at a time, not all the ids.
     assert compare_growth < table_bytes / 3
+
+
+def test_the_report_says_when_and_why_the_run_acted_on_its_audit(tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "report"
+    run_dir.mkdir()
+    rows = [dict(id=f"r{i}", label="positive", label_score=0.9, exit_layer=3, num_layers=4, flops_used=1.0,
+                 flops_full=2.0, compute_saved=0.5, exit_saved=0.4, prefix_saved=0.1, num_tokens=10, truncated=False,
+                 full_label="negative", gold_label=None, calibration=False, after_drift=i >= 6, error=None)
+            for i in range(10)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), run_dir / "a.parquet")
+    drift = {"at_s": 12.3, "at": "2026-12-02T00:00:00+00:00", "audited": 6, "lower_bound": 0.4, "alpha": 0.05,
+             "epsilon": 0.01, "rows_labeled_before": 6, "action": "full", "checks": "agreement", "kind": "accuracy"}
+    (run_dir / SIDECAR_NAME).write_text(json.dumps({"rows": 10, "drift": drift, "runs": [
+        {"start_time": "2026-12-02T00:00:00+00:00", "wall_s": 20, "rows_this_run": 10}]}))
+    report.write_report([str(run_dir)], str(out))
+    md = (out / "report.md").read_text()
+    assert "## The run acted on its audit" in md and "12 s into the run" in md and "at least 40.0%" in md
+    assert "labeled every later row at full depth" in md and "6 rows were labeled before" in md
+    assert "checked agreement, not accuracy" in md  # an accuracy promise without gold labels

@@ -30,6 +30,7 @@ class Classifier:
     def __init__(self, cfg: JobConfig, task, policy, threads: int | None = None, trace: bool = False,
                  audit_rate: float = 0.0, gold_one_based: bool = False, text_column: str = "text",
                  id_column: str | None = "id", keep_columns: tuple = (), run_state=None):
+        # run_state: the run's RunState (runstate.py): poison rows, the online audit and its decision
         runstate.mark(run_state, "actor_start")  # the run's timeline (_run.json): where start-up time goes
         import torch
 
@@ -50,6 +51,7 @@ class Classifier:
         policy.check_compatible(self.lm.model_hash, task.fingerprint(), self.lm.num_layers)
         self.engine = EarlyExitEngine(self.lm, self.encoder.label_token_ids, policy, self.encoder.prefix_ids,
                                       reuse_prefix=cfg.reuse_prefix, max_batch_tokens=cfg.max_batch_tokens)
+        self.full_engine = None  # built once the audit shows the promise broken, under --on-drift full
         self.run_state = run_state  # where this actor ran, and poison rows that end (runstate.py)
         runstate.register_actor(run_state)
         runstate.mark(run_state, "actor_ready")
@@ -84,18 +86,40 @@ class Classifier:
                 self._label(encoded, at, [ids[i] for i in at], rows, errors)
 
         ok = [i for i in range(n) if errors[i] is None]
+        key, attempt, kills, drifted = runstate.begin_block(self.run_state, ids)
+        self._act_on_drift(drifted)
         if ok:  # a retried block runs row by row, so that a row that kills the actor ends as an error row
-            runstate.label_block(self.run_state, ids, ok, errors, run)
+            runstate.label_block(self.run_state, key, attempt, kills, ok, errors, run)
+        if not self.trace and not drifted:
+            runstate.add_audit(self.run_state, key, n, audit_counts(rows, batch.get("gold_label"), self.task.labels,
+                                                                  self.gold_one_based, errors))
         rows["id"] = np.array(ids, dtype=object)
         gold = batch.get("gold_label", [None] * n)
         rows["gold_label"] = np.array(gold_names(gold, self.task.labels, self.gold_one_based), dtype=object)
         rows["calibration"] = np.full(n, self.trace)
+        rows["after_drift"] = np.full(n, drifted)
         rows["error"] = np.array(errors, dtype=object)
         table = self._with_extra_columns(to_output_table(rows), batch, traces)
         if self.calls == 1:  # the run keeps the earliest of its actors' first batches: first_labels_s
             runstate.mark(self.run_state, "first_labels")
         runstate.mark(self.run_state, "last_labels", last=True)  # labeling time: actor_ready to last_labels
         return table
+
+    def _act_on_drift(self, drifted: bool) -> None:
+        """Once the online audit has shown the promise broken: --on-drift stop ends the run (the driver
+        says so in one line); full labels at full depth from this block on; warn labels on as before."""
+        if not drifted or self.trace:
+            return
+        if self.cfg.on_drift == "stop":
+            raise DriftStop("the online audit showed the promise broken: stopping (--on-drift stop)")
+        if self.cfg.on_drift == "full" and self.full_engine is None:
+            from adainfer_ray.engine import EarlyExitEngine
+            from adainfer_ray.policy import ExitPolicy
+
+            self.full_engine = EarlyExitEngine(self.lm, self.encoder.label_token_ids, ExitPolicy.full_depth(),
+                                               self.encoder.prefix_ids, reuse_prefix=self.cfg.reuse_prefix,
+                                               max_batch_tokens=self.cfg.max_batch_tokens)
+            self.engine = self.full_engine
 
     def _ids(self, batch) -> list[str]:
         """The rows' ids; label() without an id column draws its audit sample by text."""
@@ -175,6 +199,26 @@ class Classifier:
         rows["full_label"][at[audited]] = labels[out["full_label"][audited]]
 
 
+class DriftStop(RuntimeError):
+    """Raised in a model actor under --on-drift stop once the audit shows the promise broken."""
+
+
+def audit_counts(rows, gold, labels, one_based: bool, errors) -> dict:
+    """One block's audit counts for online_audit.OnlineAudit.add: audited rows (full depth known),
+    how many early exit changed, and on rows with a gold label which depth alone was wrong."""
+    audited = np.array([f is not None and e is None for f, e in zip(rows["full_label"], errors)], bool)
+    label, full = rows["label"][audited], rows["full_label"][audited]
+    counts = {"audited": int(audited.sum()), "changed": int(sum(a != b for a, b in zip(label, full)))}
+    if gold is not None:
+        names = np.array(gold_names(list(gold), labels, one_based), dtype=object)[audited]
+        has = np.array([g in labels for g in names], bool)
+        exit_ok = np.array([a == g for a, g in zip(label, names)], bool)
+        full_ok = np.array([b == g for b, g in zip(full, names)], bool)
+        counts.update(with_gold=int(has.sum()), exit_only_wrong=int((has & ~exit_ok & full_ok).sum()),
+                      full_only_wrong=int((has & exit_ok & ~full_ok).sum()))
+    return counts
+
+
 # -- the output rows -----------------------------------------------------------------------------------
 
 
@@ -204,7 +248,8 @@ def empty_rows(n: int, num_layers: int) -> dict[str, np.ndarray]:
             "exit_layer": np.full(n, None, dtype=object), "num_layers": np.full(n, num_layers, np.int32),
             "flops_used": nan.copy(), "flops_full": nan.copy(), "compute_saved": nan.copy(),
             "exit_saved": nan.copy(), "prefix_saved": nan.copy(), "num_tokens": np.full(n, None, dtype=object),
-            "truncated": np.zeros(n, bool), "full_label": np.full(n, None, dtype=object)}
+            "truncated": np.zeros(n, bool), "full_label": np.full(n, None, dtype=object),
+            "after_drift": np.zeros(n, bool)}
 
 
 def to_output_table(rows: dict[str, np.ndarray]) -> pa.Table:

@@ -42,6 +42,7 @@ class JobConfig:
     delta: float = 0.05
     audit_fraction: float = 0.01
     audit_rows: int = 300  # at least this many rows audited (all of a smaller corpus)
+    on_drift: str = "full"  # once the online audit shows the promise broken: full, stop or warn
     seed: int = 0
     limit: int | None = None
     overwrite: bool = False

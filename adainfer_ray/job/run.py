@@ -9,9 +9,10 @@ from dataclasses import asdict, replace
 from datetime import datetime, timezone
 
 from adainfer_ray import io, resume, runstate
+from adainfer_ray.online_audit import OnlineAudit
 from adainfer_ray.job.calibration import Calibration, calibrate_or_reuse, calibrate_policy
 from adainfer_ray.job.cluster import map_classifier, plan_resources, preflight_and_init_ray, starts_local_ray
-from adainfer_ray.job.config import JobConfig
+from adainfer_ray.job.config import JobConfig, JobError
 from adainfer_ray.job.dataset import estimate_rows, read_dataset, write_output
 from adainfer_ray.job.plan import run_precision, warn_on_precision
 from adainfer_ray.job.sampling import corpus_audit_rate
@@ -28,6 +29,7 @@ def run_classify(cfg: JobConfig, log=print, started_at: float | None = None) -> 
     plan, ray, res, identity, previous = _start(cfg, log, timeline)
     state = runstate.start(f"{datetime.fromtimestamp(started_at, timezone.utc):%Y%m%dT%H%M%S}-{os.getpid()}")
     plan, calibration = _settle_policy(cfg, plan, ray, res, identity, previous, state, log)
+    ray.get(state.set_audit.remote(online_audit(plan.policy, cfg.label_column is not None), cfg.on_drift))
     done = resume.done_ids(cfg.output, log)
     _say_what_is_kept(cfg, calibration, done, log)
     runs = _start_record(cfg, plan, res, identity, previous, started_at)
@@ -36,12 +38,73 @@ def run_classify(cfg: JobConfig, log=print, started_at: float | None = None) -> 
     ds = read_dataset(cfg, plan, ray, done)
     ds = map_classifier(ds, cfg, plan.task, plan.policy, res, audit_rate=audit_rate,
                         gold_one_based=plan.gold_one_based, run_state=state)
-    write_output(ds, cfg.output, datetime.fromtimestamp(started_at, timezone.utc))
+    try:
+        write_output(ds, cfg.output, datetime.fromtimestamp(started_at, timezone.utc))
+    except Exception as e:
+        drift = (runstate.ask(state, "audit_state") or {}).get("drift")
+        if cfg.on_drift != "stop" or drift is None:
+            _stop_if_ray_gave_up(e, log)
+            raise
+        record = _stopped_record(cfg, plan, ray, res, identity, runs, state, calibration, done, audit_rate,
+                                 started_at, timeline, log)
+        io.write_json(cfg.output, SIDECAR_NAME, record)
+        raise DriftStopped(drift_line(drift, record["rows"])) from None
 
     record = _run_record(cfg, plan, ray, res, identity, runs, state, calibration, done, audit_rate,
                          started_at, timeline, log)
     io.write_json(cfg.output, SIDECAR_NAME, record)
     return record
+
+
+class RunInterrupted(JobError):
+    """Ray could not recover from a loss (the driver's node, objects whose owner died): the rows
+    written so far are kept, and the same command resumes."""
+
+
+def _stop_if_ray_gave_up(error: BaseException, log) -> None:
+    """A loss Ray did not recover from ends the run with one line (its traceback logged first), saying
+    that the same command resumes; any other error (a bug) keeps its traceback as it is."""
+    import traceback
+
+    from ray import exceptions as rx
+
+    lost = (rx.NodeDiedError, rx.ObjectLostError, rx.OwnerDiedError, rx.ActorDiedError, rx.RaySystemError,
+            rx.ActorUnavailableError)
+    cause = error
+    while cause is not None and not isinstance(cause, lost):
+        cause = cause.__cause__ or getattr(cause, "cause", None)
+    if cause is None:
+        return
+    log("".join(traceback.format_exception(error)))
+    try:
+        what = " ".join(str(cause).split())[:300]
+    except Exception:  # noqa: BLE001 - some Ray errors cannot print themselves outside Ray
+        what = "no message"
+    raise RunInterrupted(f"Ray could not recover from a lost part of the cluster ({type(cause).__name__}: {what}); "
+                         "the rows written so far are kept: run the same command again to resume") from error
+
+
+class DriftStopped(JobError):
+    """--on-drift stop: the online audit showed the promise broken; the output so far is resumable."""
+
+
+def online_audit(policy, gold: bool) -> OnlineAudit | None:
+    """The audit checked as blocks finish: of the policy's promise (epsilon; agreement, or accuracy
+    where the promise is on accuracy and rows carry gold labels). None for a policy that promises nothing."""
+    promise = policy.promise
+    if policy.never_exits or not promise or not promise.get("epsilon"):
+        return None
+    kind = promise.get("kind") or policy.metadata.get("promise") or "agreement"
+    return OnlineAudit(float(promise["epsilon"]), kind="accuracy" if kind == "accuracy" else "agreement", gold=gold)
+
+
+def drift_line(drift: dict, rows_written: int) -> str:
+    """The one line a run stopped by --on-drift stop ends with."""
+    what = "accuracy lost" if drift["checks"] == "accuracy" else "labels changed by early exit"
+    return (f"stopped: the online audit showed the promise broken ({what}: at least {drift['lower_bound']:.1%} "
+            f"at {1 - drift['alpha']:.0%} confidence, above epsilon {drift['epsilon']:.1%}, after "
+            f"{drift['audited']:,} audited rows); {rows_written:,} rows are in the output. Recalibrate on this corpus "
+            f"(--calibrate N --overwrite), or run the same command with --on-drift full to label the rest at full depth")
 
 
 def run_calibrate(cfg: JobConfig, folder: str, command: str = "", log=print) -> Calibration:
@@ -123,9 +186,15 @@ def _run_record(cfg, plan, ray, res, identity, runs, state, calibration, done, a
     from adainfer_ray import report
 
     wall = runstate.timestamp() - started_at  # a span between two wall-clock stamps, as the timeline's
-    actor_nodes, engine_s, marks = ray.get([state.actor_nodes.remote(), state.engine_seconds.remote(),
-                                            state.marks.remote()])
-    ray.kill(state)
+    # A lost run state (a bug, or the driver's own node in trouble) costs these figures, not the record.
+    actor_nodes = runstate.ask(state, "actor_nodes", default={})
+    engine_s = runstate.ask(state, "engine_seconds", default=None)
+    marks = runstate.ask(state, "marks", default={})
+    audit = runstate.ask(state, "audit_state", default=None)
+    try:
+        ray.kill(state)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
     # Seconds from the command's start to each step: where the start-up goes, and the labeling's span.
     timeline = {f"{event}_s": at - started_at
                 for event, at in sorted({**timeline, **marks}.items(), key=lambda item: item[1])}
@@ -141,7 +210,8 @@ def _run_record(cfg, plan, ray, res, identity, runs, state, calibration, done, a
                 "rows_this_run": summary["rows"] - resumed, "gpu_name": gpu_name,
                 "num_gpus": res.gpus_per_actor * res.max_actors, "num_actors": cfg.actors, "max_actors": res.max_actors,
                 "engine_s": engine_s, "actor_nodes": actor_nodes, "first_labels_s": timeline.get("first_labels_s"),
-                "timeline": timeline}
+                "timeline": timeline, "on_drift": cfg.on_drift, "online_audit": audit,
+                "drift": _drift_record(audit, started_at)}
     policy = plan.policy
     return {
         **identity, "runs": runs[:-1] + [this_run], "actor_nodes": actor_nodes,
@@ -157,7 +227,32 @@ def _run_record(cfg, plan, ray, res, identity, runs, state, calibration, done, a
         # This run's rate, by the report's own rule (the report's figure spans every run of an output).
         "rows_per_s": report.summarize_throughput([cfg.output], [this_run])["rows_per_s"],
         "output": cfg.output, "summary": summary, "verdict": summary["verdict"],
+        "online_audit": audit, "drift": this_run["drift"],
     }
+
+
+def _stopped_record(cfg, plan, ray, res, identity, runs, state, calibration, done, audit_rate, started_at, timeline,
+                    log) -> dict:
+    """The run record of a run --on-drift stop ended; before any block was written, the identity, the
+    runs and the drift alone (what a resume and a reader of _run.json need)."""
+    if io.output_files(cfg.output) or calibration is not None:
+        return _run_record(cfg, plan, ray, res, identity, runs, state, calibration, done, audit_rate, started_at,
+                           timeline, log)
+    audit = runstate.ask(state, "audit_state", default=None)
+    drift = _drift_record(audit, started_at)
+    this_run = {**runs[-1], "end_time": datetime.now(timezone.utc).isoformat(), "rows_this_run": 0,
+                "on_drift": cfg.on_drift, "online_audit": audit, "drift": drift}
+    return {**identity, "runs": runs[:-1] + [this_run], "promise": plan.policy.promise, "flags": asdict(cfg),
+            "rows": len(done), "online_audit": audit, "drift": drift, "output": cfg.output}
+
+
+def _drift_record(audit: dict | None, started_at: float) -> dict | None:
+    """When (seconds from the start, and UTC) and why the run acted on the online audit; None if it did not."""
+    drift = (audit or {}).get("drift")
+    if not drift:
+        return None
+    return {**drift, "at_s": drift["at"] - started_at,
+            "at": datetime.fromtimestamp(drift["at"], timezone.utc).isoformat()}
 
 
 def _gpu_name():

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from adainfer_ray.report.text import (fmt_money, fmt_n, fmt_num, fmt_pct, fmt_proportion,
                                       markdown_table)
+from adainfer_ray.report.verdict import drift_sentence
 
 @dataclass
 class Section:
@@ -52,6 +53,8 @@ def report_sections(report: dict) -> list[Section]:
     verdict = run.get("verdict") or {}
     if verdict.get("message"):
         sections.append(Section("Promise and audit", paragraphs=[verdict.get("promise") or "", verdict["message"]]))
+    if run.get("drift"):
+        sections.append(Section("The run acted on its audit", paragraphs=[drift_sentence(run["drift"])]))
     sections.append(Section("Rows", table=(["figure", "value"], [
         ["rows", fmt_n(run["rows"])],
         ["error rows", f"{fmt_n(run['error_rows'])} ({fmt_pct(run['error_share'])})"],

@@ -341,6 +341,7 @@ def summarize_run(inputs: list[str], batch_size: int = BATCH_ROWS) -> dict:
     summary["throughput"] = summarize_throughput(inputs, sidecars)
     promises = [s.get("promise") for s in sidecars if s]
     summary["verdict"] = run_verdict(summary, promises[0] if promises else None)
+    summary["drift"] = next((s["drift"] for s in sidecars if s and s.get("drift")), None)  # the run acted on its audit
     summary["warnings"] = _run_warnings(summary)
     return summary
 

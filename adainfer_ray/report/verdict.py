@@ -50,6 +50,23 @@ def run_verdict(summary: dict, promise: dict | None) -> dict:
     return out
 
 
+def drift_sentence(drift: dict | None, on_drift: str | None = None) -> str | None:
+    """When and why the run acted on its online audit (_run.json's drift), in one sentence."""
+    if not drift:
+        return None
+    what = "accuracy lost" if drift.get("checks") == "accuracy" else "labels changed"
+    did = {"full": "labeled every later row at full depth", "stop": "stopped",
+           "warn": "went on labeling (--on-drift warn)"}.get(drift.get("action"), "acted")
+    cannot = (" It had no gold labels, so it checked agreement, not accuracy." if drift.get("kind") == "accuracy"
+              and drift.get("checks") != "accuracy" else "")
+    return (f"drift: {fmt_num(drift.get('at_s'), 0)} s into the run ({drift.get('at')}), after "
+            f"{fmt_n(drift['audited'])} audited rows, the online audit showed the promise broken ({what}: "
+            f"at least {fmt_pct(drift['lower_bound'])} at {1 - drift['alpha']:.0%} confidence, above epsilon "
+            f"{fmt_pct(drift['epsilon'])}); the run {did}. {fmt_n(drift['rows_labeled_before'])} rows were labeled "
+            f"before; rows with after_drift = true came after.{cannot} To label this corpus early, recalibrate "
+            f"on it: --calibrate N.")
+
+
 def job_summary(record: dict) -> str:
     """The end-of-run summary `jobs/classify.py` prints, from its run record (`_run.json`)."""
     s, verdict = record["summary"], record.get("verdict") or {}
@@ -73,6 +90,8 @@ def job_summary(record: dict) -> str:
         lines.append(f"audit: {fmt_proportion(s['audit_agreement'])} agree with full depth")
     if verdict.get("message"):
         lines.append(verdict["message"])
+    if record.get("drift"):
+        lines.append(drift_sentence(record["drift"]))
     gold = s["outside_sample"]["gold_accuracy"] if s["calibration_rows"] else s["gold_accuracy"]
     if gold["rows"]:
         where = " outside the calibration sample" if s["calibration_rows"] else ""
