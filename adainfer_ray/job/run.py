@@ -94,8 +94,8 @@ def online_audit(policy, gold: bool) -> OnlineAudit | None:
     promise = policy.promise
     if policy.never_exits or not promise or not promise.get("epsilon"):
         return None
-    kind = promise.get("kind") or policy.metadata.get("promise") or "agreement"
-    return OnlineAudit(float(promise["epsilon"]), kind="accuracy" if kind == "accuracy" else "agreement", gold=gold)
+    kind = "accuracy" if promise["promise"] == "accuracy" else "agreement"  # ExitPolicy.promise names it
+    return OnlineAudit(float(promise["epsilon"]), kind=kind, gold=gold)
 
 
 def drift_line(drift: dict, rows_written: int) -> str:
