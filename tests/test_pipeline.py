@@ -55,9 +55,13 @@ def test_classifier_turns_every_bad_row_into_one_error_row(tiny_model_dir, tiny_
     assert errors["r7"] == "text is int, not a string"
     for r in rows:
         if r["error"]:
-            assert r["label"] is None and r["exit_layer"] is None
+            assert r["label"] is None and r["exit_layer"] is None and r["label_probs"] is None
         else:
             assert r["label"] in ("negative", "positive") and 1 <= r["exit_layer"] <= 4
+            # every label's probability, in the task's label order: the chosen one is the largest
+            probs = r["label_probs"]
+            assert len(probs) == 2 and sum(probs) == pytest.approx(1, abs=1e-5)
+            assert probs[("negative", "positive").index(r["label"])] == pytest.approx(r["label_score"], abs=1e-6)
             assert 0 < r["flops_used"] <= r["flops_full"]
             assert r["compute_saved"] == pytest.approx(r["exit_saved"] + r["prefix_saved"])
     assert rows[6]["truncated"] and not rows[0]["truncated"]  # the 1 MB text was cut to fit, and says so

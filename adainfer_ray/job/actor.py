@@ -151,7 +151,8 @@ class Classifier:
         L, P = self.lm.num_layers, len(self.encoder.prefix_ids)
         flops = [item_flops(self.engine.dims, P, len(x), L, "none", len(self.task.labels), 1, self.cfg.reuse_prefix)
                  for x in encoded.item_ids]
-        out = {"label": tr["final_label"], "label_score": tr["label_top"][:, -1], "exit_layer": np.full(len(where), L),
+        out = {"label": tr["final_label"], "label_score": tr["label_top"][:, -1], "label_probs": tr["final_probs"],
+               "exit_layer": np.full(len(where), L),
                "full_label": tr["final_label"], "num_tokens": np.array([P + len(x) for x in encoded.item_ids]),
                **{"flops_" + k: np.array([f[k] for f in flops]) for k in ("used", "full", "full_reuse")}}
         self._fill(rows, np.array(where), out, np.array(encoded.truncated))
@@ -163,6 +164,8 @@ class Classifier:
         labels = np.array(self.task.labels, dtype=object)
         rows["label"][at] = labels[out["label"]]
         rows["label_score"][at] = out["label_score"]
+        for j, i in enumerate(at):  # [K] per row, in the order of task.labels (_run.json `labels`)
+            rows["label_probs"][i] = out["label_probs"][j]
         rows["exit_layer"][at] = out["exit_layer"]
         rows["flops_used"][at], rows["flops_full"][at] = out["flops_used"], out["flops_full"]
         full, reuse = out["flops_full"], out["flops_full_reuse"]
@@ -201,6 +204,7 @@ def empty_rows(n: int, num_layers: int) -> dict[str, np.ndarray]:
     """[n] per output column, as a row that failed has them (the engine fills the rest)."""
     nan = np.full(n, np.nan)
     return {"label": np.full(n, None, dtype=object), "label_score": np.full(n, np.nan, np.float32),
+            "label_probs": np.full(n, None, dtype=object),
             "exit_layer": np.full(n, None, dtype=object), "num_layers": np.full(n, num_layers, np.int32),
             "flops_used": nan.copy(), "flops_full": nan.copy(), "compute_saved": nan.copy(),
             "exit_saved": nan.copy(), "prefix_saved": nan.copy(), "num_tokens": np.full(n, None, dtype=object),

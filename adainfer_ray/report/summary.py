@@ -22,8 +22,8 @@ from adainfer_ray.stats import proportion, ratio, upper_bound
 
 SAVED_SHARE_BINS = 100     # fixed bins over [0, 1] for the per-row saved-share histograms
 
-# The columns a summary reads: everything but `id`, which is the widest column and not needed.
-SUMMARY_COLUMNS = [name for name in OUTPUT_SCHEMA.names if name != "id"]
+# The columns a summary reads: everything but `id` and `label_probs`, the widest columns, not needed.
+SUMMARY_COLUMNS = [name for name in OUTPUT_SCHEMA.names if name not in ("id", "label_probs")]
 
 FLOP_COLUMNS = ["flops_used", "flops_full", "compute_saved", "exit_saved", "prefix_saved"]
 
