@@ -40,10 +40,13 @@ def parse_args(argv=None):
                    help="replace an existing output made with another model, policy, task or dtype")
     g.add_argument("--audit-fraction", type=float, default=cli.DEFAULTS.audit_fraction,
                    help="seeded share of rows also run on to full depth (full_label), to check the promise on this "
-                        "corpus; each audited row costs the layers it skipped")
+                        "corpus. Cost: each audited row also runs the layers early exit skipped, so the audit adds "
+                        "about (audited rows x layers skipped) of a full-depth run; 0 turns the audit off (no "
+                        "--audit-rows floor), and the run then cannot check its promise")
     g.add_argument("--audit-rows", type=int, default=cli.DEFAULTS.audit_rows,
-                   help="audit at least this many rows (all rows of a smaller corpus): 300 is the fewest that can "
-                        "confirm a 1%% promise at 95%% confidence; costs at most that many full-depth rows")
+                   help="while the audit is on, audit at least this many rows (all rows of a smaller corpus): 300 is "
+                        "the fewest that can confirm a 1%% promise at 95%% confidence; costs at most that many "
+                        "full-depth rows")
     a = p.parse_args(argv)
     return cli.config_from_args(a, output=a.output, policy=a.policy, calibrate=a.calibrate, overwrite=a.overwrite,
                                 audit_fraction=a.audit_fraction, audit_rows=a.audit_rows)

@@ -167,3 +167,13 @@ def test_the_package_version_has_one_source():
     assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "adainfer_ray.__version__"}
     assert adainfer_ray.__version__.count(".") == 2
+
+
+def test_audit_fraction_zero_alone_turns_the_audit_off():
+    from adainfer_ray.job.sampling import corpus_audit_rate
+
+    assert corpus_audit_rate(JobConfig(audit_fraction=0), 3000) == 0.0  # no --audit-rows floor then
+    assert corpus_audit_rate(JobConfig(), 3000) == pytest.approx(0.1)  # on: at least 300 rows
+    assert corpus_audit_rate(JobConfig(), 100) == 1.0
+    assert corpus_audit_rate(JobConfig(audit_fraction=0.5), 3000) == 0.5
+    assert not audit_mask([f"r{i}" for i in range(1000)], corpus_audit_rate(JobConfig(audit_fraction=0), 1000), 0).any()

@@ -29,7 +29,8 @@ def run_verdict(summary: dict, promise: dict | None) -> dict:
                       f"{fmt_pct(1 - promise['delta'], 0)} confidence it changes at most {fmt_pct(eps)} of the labels "
                       f"that the full model would give (calibrated on {fmt_n(promise['calibration_size'])} rows).")
     if not audited:
-        out["message"] = "No row was audited, so this run cannot check the promise (see --audit-rows)"
+        out["message"] = ("No row was audited (--audit-fraction 0 turns the audit off), so this run cannot check "
+                          "the promise")
     elif bound <= eps:
         out["ok"] = True
         out["message"] = (f"Promise confirmed by the audit: {fmt_n(disagreed)} of {fmt_n(audited)} audited labels "
