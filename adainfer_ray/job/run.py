@@ -102,9 +102,11 @@ def _say_what_is_kept(cfg, calibration, done, log) -> None:
 
 def _start_record(cfg, plan, res, identity, previous, started_at: float) -> list[dict]:
     """_run.json as the run starts; it carries the policy's promise, so that the report's verdict
-    (report.summarize_run) is the run's."""
+    (report.summarize_run) is the run's, and the task's labels (a label never predicted counts too)."""
     started = datetime.fromtimestamp(started_at, timezone.utc).isoformat()
-    return resume.start_record(cfg.output, previous, {**identity, "promise": plan.policy.promise},
+    # ... and the labels, in the order of label_probs, so that the summary's label health knows them all.
+    return resume.start_record(cfg.output, previous, {**identity, "promise": plan.policy.promise,
+                                                      "labels": list(plan.task.labels)},
                                {"start_time": started, "device": res.device_kind})
 
 

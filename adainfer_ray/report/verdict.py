@@ -4,6 +4,7 @@ and the end-of-run summary `jobs/classify.py` prints (`job_summary`). The one ow
 
 from __future__ import annotations
 
+from adainfer_ray.report.health import distribution_text
 from adainfer_ray.report.text import fmt_n, fmt_num, fmt_pct, fmt_proportion
 from adainfer_ray.schema import SIDECAR_NAME
 from adainfer_ray.stats import lower_bound, ratio, rows_to_confirm
@@ -82,6 +83,10 @@ def job_summary(record: dict) -> str:
             line += (f" (full depth on the {fmt_n(s['full_depth_gold_accuracy']['rows'])} audited ones: "
                      f"{fmt_pct(s['full_depth_gold_accuracy']['share'])})")
         lines.append(line)
+    health = s.get("label_health")
+    if health and health["written"]["rows"]:
+        lines.append(distribution_text(health))
+        lines += [f"WARNING: {w}" for w in health["warnings"]]
     if record.get("rows_per_s") is not None:
         lines.append(f"{fmt_num(record['rows_per_s'], 1)} rows/s over {fmt_num(record['wall_s'], 1)} s on "
                      f"{record['device']} ({record.get('dtype')})"
