@@ -47,8 +47,12 @@ def parse_args(argv=None):
                    help="while the audit is on, audit at least this many rows (all rows of a smaller corpus): 300 is "
                         "the fewest that can confirm a 1%% promise at 95%% confidence; costs at most that many "
                         "full-depth rows")
+    g.add_argument("--progress-every", type=float, default=cli.DEFAULTS.progress_s, metavar="SECONDS",
+                   help="print a progress line (rows done of the total, rows/s, time left, layers skipped, error "
+                        "rows) this often, in any log (ray job submit too); 0: none")
     a = p.parse_args(argv)
     return cli.config_from_args(a, output=a.output, policy=a.policy, calibrate=a.calibrate, overwrite=a.overwrite,
+                                progress_s=a.progress_every,
                                 audit_fraction=a.audit_fraction, audit_rows=a.audit_rows)
 
 

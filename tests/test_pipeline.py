@@ -83,10 +83,19 @@ def test_job_labels_every_row_once_with_the_output_schema(ray_connected, tiny_mo
     write_jsonl(tmp_path / "part-a.jsonl", rows[:70])
     write_jsonl(tmp_path / "part-b.jsonl", rows[70:])
     out = tmp_path / "out"
+    logged = []
     run = run_classify(JobConfig(input=str(tmp_path / "*.jsonl"), output=str(out), label_column="label",
                                  model=str(tiny_model_dir), policy=str(tiny_policy_dir), batch_size=32,
-                                 audit_fraction=0.2), log=lambda *_: None)
+                                 audit_fraction=0.2, progress_s=0.5), log=logged.append)
     table = read_output(out)
+    # Progress lines as a log without a terminal shows them: rows done of the (estimated) total, rate,
+    # layers skipped and error rows so far; the last one counts every row of this run.
+    progress = [x for x in logged if x.startswith("progress: ")]
+    assert progress, logged
+    done = [int(x.split()[1].replace(",", "")) for x in progress]
+    assert done == sorted(done) and done[-1] == 120
+    assert progress[-1].startswith("progress: 120 of about 120 rows (100.0%), ")
+    assert " rows/s; layers skipped " in progress[-1] and progress[-1].endswith(", error rows 2")
     assert table.schema == OUTPUT_SCHEMA
     assert table.num_rows == 120 and run["rows"] == 120
     ids = table.column("id").to_pylist()
@@ -194,3 +203,13 @@ def test_quick_start_prints_no_warnings_but_rays_auth_notice(tmp_path):
              and "authentication_token_setup" not in x and "has constructor arguments in the object store" not in x]
     assert noisy == [], noisy
     assert "== adainfer-ray: done ==" in done.stdout and "labels written:" in done.stdout
+
+
+def test_progress_line_says_rows_of_total_rate_time_left_skipped_and_errors():
+    from adainfer_ray.job.progress import progress_line
+
+    line = progress_line({"rows": 1000, "errors": 10, "layers_skipped": 396.0}, 4000, 100.0)
+    assert line == "progress: 1,000 of 4,000 rows (25.0%), 10.0 rows/s, about 5 min 00 s left; " \
+                   "layers skipped 40.0%, error rows 10"
+    assert progress_line({"rows": 50, "errors": 0, "layers_skipped": 0.0}, None, 10.0) == \
+        "progress: 50 rows, 5.0 rows/s; layers skipped 0.0%, error rows 0"

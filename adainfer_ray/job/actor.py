@@ -92,6 +92,9 @@ class Classifier:
         rows["calibration"] = np.full(n, self.trace)
         rows["error"] = np.array(errors, dtype=object)
         table = self._with_extra_columns(to_output_table(rows), batch, traces)
+        labeled = np.array([e is None for e in errors])
+        skipped = (self.lm.num_layers - rows["exit_layer"][labeled].astype(np.float64)) / self.lm.num_layers
+        runstate.add_rows(self.run_state, n, int((~labeled).sum()), float(skipped.sum()))  # progress lines
         if self.calls == 1:  # the run keeps the earliest of its actors' first batches: first_labels_s
             runstate.mark(self.run_state, "first_labels")
         runstate.mark(self.run_state, "last_labels", last=True)  # labeling time: actor_ready to last_labels
