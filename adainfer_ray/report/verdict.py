@@ -10,6 +10,13 @@ from adainfer_ray.schema import SIDECAR_NAME
 from adainfer_ray.stats import lower_bound, ratio, rows_to_confirm
 
 
+def promise_text(promise: dict) -> str:
+    """A policy's promise in one sentence (the job's summary and --plan)."""
+    return (f"Early exit skips about {fmt_pct(promise.get('layers_skipped'))} of the model's layers, and with "
+            f"{fmt_pct(1 - promise['delta'], 0)} confidence it changes at most {fmt_pct(promise['epsilon'])} of the "
+            f"labels that the full model would give (calibrated on {fmt_n(promise['calibration_size'])} rows).")
+
+
 def run_verdict(summary: dict, promise: dict | None) -> dict:
     """What this run's audit says about the policy's promise, in words a manager can act on.
 
@@ -25,10 +32,7 @@ def run_verdict(summary: dict, promise: dict | None) -> dict:
         return out
     eps = promise["epsilon"]
     out["epsilon"] = eps
-    skipped = promise.get("layers_skipped")
-    out["promise"] = (f"Early exit skips about {fmt_pct(skipped)} of the model's layers, and with "
-                      f"{fmt_pct(1 - promise['delta'], 0)} confidence it changes at most {fmt_pct(eps)} of the labels "
-                      f"that the full model would give (calibrated on {fmt_n(promise['calibration_size'])} rows).")
+    out["promise"] = promise_text(promise)
     if not audited:
         out["message"] = ("No row was audited (--audit-fraction 0 turns the audit off), so this run cannot check "
                           "the promise")
