@@ -17,9 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_plan_predicts_what_a_real_run_of_the_same_rows_measures(ray_connected, tiny_model_dir, tiny_policy_dir,
                                                                  tmp_path):
     """On a sample that is the whole input, the plan's row count, tokens, truncation and layers
-    skipped are the run's: the same rows through the same actor class and engine. Margin: half a
-    point of layers skipped, half a token (an item's exit does not depend on its batch, so both
-    should agree to float noise). Timings are printed, never asserted."""
+    skipped are the run's: the same rows through the same actor class and engine. Margin: 3 points
+    of layers skipped (the tiny policy's threshold sits among its items, so float noise between two
+    processes may move a row or two by a layer: 1 row of 59 by 2 of 4 layers is 0.8 points), half a
+    token. Timings are never asserted."""
     rows = [{"text": t} for t in review_texts(60, seed=3)]
     rows[7]["text"] = "word " * 5000  # truncated, in both
     rows[11]["text"] = None  # an error row: counted, not labeled
@@ -30,7 +31,7 @@ def test_plan_predicts_what_a_real_run_of_the_same_rows_measures(ray_connected, 
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # the plan writes nothing
     run = run_classify(cfg, log=lambda *_: None)["summary"]
     assert plan["rows"] == run["rows"] == 60 and plan["sample_rows"] == 60 and plan["error_rows_in_sample"] == 1
-    assert plan["layers_skipped_share"] == pytest.approx(run["layers_skipped_share"], abs=0.005)
+    assert plan["layers_skipped_share"] == pytest.approx(run["layers_skipped_share"], abs=0.03)
     assert 0 < plan["layers_skipped_share"] < 0.75  # the policy stops some rows early, not all at layer 1
     assert plan["mean_tokens"] == pytest.approx(run["mean_tokens"], abs=0.5)
     assert plan["truncated_share"] == pytest.approx(run["truncated_rows"] / 60)
