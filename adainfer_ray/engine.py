@@ -197,10 +197,12 @@ class EarlyExitEngine:
         audit[i] = True runs item i on to full depth after it exits, to record `full_label`.
 
         Returns arrays [N]: label, label_score, exit_layer, full_label (-1 unless audited),
-        num_tokens, flops_used, flops_full, flops_full_reuse."""
+        num_tokens, flops_used, flops_full, flops_full_reuse; and label_probs [N, K], every label's
+        probability at the exit layer (an audited item keeps its exit layer's)."""
         N = len(item_ids)
         self.out = {"label": np.full(N, -1, np.int32), "label_score": np.zeros(N, np.float32),
-                    "exit_layer": np.zeros(N, np.int32), "full_label": np.full(N, -1, np.int32)}
+                    "exit_layer": np.zeros(N, np.int32), "full_label": np.full(N, -1, np.int32),
+                    "label_probs": np.zeros((N, self.num_labels), np.float32)}
         audit = np.zeros(N, bool) if audit is None else np.asarray(audit, bool)
         prefix = [] if self.reuse_prefix else self.prefix_ids
         items = [_Item(i, prefix + list(ids), bool(audit[i])) for i, ids in enumerate(item_ids)]
@@ -244,21 +246,24 @@ class EarlyExitEngine:
         h_last = self._run_layer(k, batch)
         layers_run = k + 1
         if layers_run == self.L:  # the model's own answer
-            label, score = self.features.answer(h_last)
-            self._record(batch, layers_run, _host(label, score), final=True)
+            label, score, probs = self.features.answer(h_last)
+            label, score, *probs = _host(label, score, *probs.T)  # one transfer; probs: K rows of [B]
+            self._record(batch, layers_run, (label, score, np.stack(probs, 1)), final=True)
             return []
         live = [b for b, it in enumerate(batch) if not it.done]
         if live and self.policy.reads_at(layers_run):
             if len(live) < len(batch):  # audited items that already exited run on without features
                 h_last = h_last.index_select(0, to_device(live, h_last.device))
-            label, top, gap, score = self.features(k, h_last)
-            label, score, top, gap = _host(label, score, top, gap)  # the step's one device -> host transfer
+            label, top, gap, score, probs = self.features(k, h_last)
+            # The step's one device -> host transfer; probs [B, K] travels as K rows of [B].
+            label, score, top, gap, *probs = _host(label, score, top, gap, *probs.T)
+            probs = np.stack(probs, 1)  # [B, K]
             if self.policy.history:
                 self._history = np.array([batch[b].remember(int(lab), float(t), self.policy.dtop_lag)
                                           for b, lab, t in zip(live, label, top)], np.float64).reshape(-1, 2)
             stop = np.flatnonzero(self._exits(layers_run, [batch[b] for b in live], top, gap))
             if len(stop):
-                self._record([batch[live[j]] for j in stop], layers_run, (label[stop], score[stop]))
+                self._record([batch[live[j]] for j in stop], layers_run, (label[stop], score[stop], probs[stop]))
         return [it for it in batch if not it.done or it.audit]
 
     def _exits(self, layers_run: int, items: list[_Item], top: np.ndarray, gap: np.ndarray) -> np.ndarray:
@@ -269,13 +274,14 @@ class EarlyExitEngine:
             return self.policy.exit_mask(layers_run, top, gap, self._history[:, 0], self._history[:, 1])
         return self.policy.exit_mask(layers_run, top, gap)
 
-    def _record(self, items: list[_Item], layers_run: int, answer: tuple[np.ndarray, np.ndarray],
+    def _record(self, items: list[_Item], layers_run: int, answer: tuple[np.ndarray, np.ndarray, np.ndarray],
                 final: bool = False):
-        label, score = answer
+        label, score, probs = answer  # [B], [B], [B, K]
         for j, it in enumerate(items):
             if not it.done:
                 self.out["label"][it.index] = label[j]
                 self.out["label_score"][it.index] = score[j]
+                self.out["label_probs"][it.index] = probs[j]
                 self.out["exit_layer"][it.index] = layers_run
                 it.done = True
             if final and it.audit:
@@ -298,16 +304,18 @@ class EarlyExitEngine:
         """Run every item to full depth and keep every layer's exit features, for calibration.
 
         modes: the feature modes the calibration's candidates need (see `calibrate.trace_modes`).
-        Returns final_label [n] and label_label, label_top, label_gap [n, L] always (the label head
-        is a few rows: it gives the model's own answer too); with "vocab" also vocab_label,
-        vocab_top, vocab_gap [n, L] (a full-vocabulary head at every layer: the costly one, so only
-        when asked); with "probe" hidden [n, L, D] (final-normed last-token states, computed in the
-        model's dtype and stored as float32: exactly what the engine's probes read in production)."""
+        Returns final_label [n], final_probs [n, K] (every label's probability at full depth) and
+        label_label, label_top, label_gap [n, L] always (the label head is a few rows: it gives the
+        model's own answer too); with "vocab" also vocab_label, vocab_top, vocab_gap [n, L] (a
+        full-vocabulary head at every layer: the costly one, so only when asked); with "probe" hidden
+        [n, L, D] (final-normed last-token states, computed in the model's dtype and stored as
+        float32: exactly what the engine's probes read in production)."""
         unknown = set(modes) - set(FEATURE_MODES)
         if unknown:
             raise ValueError(f"unknown feature modes {sorted(unknown)}: choose from {FEATURE_MODES}")
         n, L = len(item_ids), self.L
-        rec = {"final_label": np.zeros(n, np.int32)}
+        rec = {"final_label": np.zeros(n, np.int32),
+               "final_probs": np.zeros((n, len(self.features.label_ids)), np.float32)}
         heads = ("vocab", "label") if "vocab" in modes else ("label",)
         for mode in heads:
             rec.update({f"{mode}_label": np.zeros((n, L), np.int32), f"{mode}_top": np.zeros((n, L), np.float32),
@@ -332,8 +340,10 @@ class EarlyExitEngine:
                     _, top, gap = top2(torch.softmax(logits, -1))
                     lab, _, _ = top2(torch.softmax(logits[:, label_ids], -1))
                     rec["vocab_label"][idx, k], rec["vocab_top"][idx, k], rec["vocab_gap"][idx, k] = _host(lab, top, gap)
-                lab, top, gap = top2(torch.softmax(self.lm.head_rows(x, label_ids).float(), -1))
+                probs = torch.softmax(self.lm.head_rows(x, label_ids).float(), -1)  # [B, K]
+                lab, top, gap = top2(probs)
                 rec["label_label"][idx, k], rec["label_top"][idx, k], rec["label_gap"][idx, k] = _host(lab, top, gap)
+            rec["final_probs"][idx] = probs.cpu().numpy()
             rec["final_label"][idx] = rec["label_label"][idx, L - 1]
             for it in batch:
                 it.src = None

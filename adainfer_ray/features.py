@@ -89,22 +89,27 @@ class ExitFeatures:
             self.probe_b = torch.tensor(probes.intercept_, device=lm.device, dtype=torch.float32)  # [L, C]
 
     def answer(self, h):
-        """The model's own answer from a final hidden state h [B, D]: (label, prob over labels)."""
+        """The model's own answer from a final hidden state h [B, D]: (label, prob over labels,
+        every label's probability [B, K])."""
         probs = torch.softmax(self.lm.head_rows(self.lm.final_norm(h), self.label_ids).float(), -1)
         label, top, _ = top2(probs)
-        return label, top
+        return label, top, probs
 
     def __call__(self, layer: int, h):
-        """h [B, D] after layer `layer` -> (label [B], top_prob [B], gap [B], label_score [B])."""
+        """h [B, D] after layer `layer` -> (label [B], top_prob [B], gap [B], label_score [B],
+        label_probs [B, K]: every label's probability, the one label_score is the largest of)."""
         x = self.lm.final_norm(h)
         if self.mode == "vocab":
             logits = self.lm.head(x).float()  # [B, V]
             _, top, gap = top2(torch.softmax(logits, -1))
-            label, score, _ = top2(torch.softmax(logits[:, self.label_ids], -1))
-            return label, top, gap, score
+            probs = torch.softmax(logits[:, self.label_ids], -1)
+            label, score, _ = top2(probs)
+            return label, top, gap, score, probs
         if self.mode == "label":
-            label, top, gap = top2(torch.softmax(self.lm.head_rows(x, self.label_ids).float(), -1))
-            return label, top, gap, top
+            probs = torch.softmax(self.lm.head_rows(x, self.label_ids).float(), -1)
+            label, top, gap = top2(probs)
+            return label, top, gap, top, probs
         z = x.float() @ self.probe_w[layer].T + self.probe_b[layer]  # [B, C]
-        label, top, gap = top2(torch.softmax(z, -1))
-        return label, top, gap, top
+        probs = torch.softmax(z, -1)
+        label, top, gap = top2(probs)
+        return label, top, gap, top, probs

@@ -47,6 +47,7 @@ class RunState:
         self.nodes: dict[str, int] = {}  # node id -> model actors started there
         self.engine_s = 0.0  # seconds the model actors spent inside the engine, summed
         self.times: dict[str, float] = {}  # event -> wall-clock time (time.time()): the first actor's, or the last's
+        self.counts = {"rows": 0, "errors": 0, "layers_skipped": 0.0}  # rows labeled so far (job.progress)
 
     def add_actor(self, node_id: str) -> None:
         self.nodes[node_id] = self.nodes.get(node_id, 0) + 1
@@ -59,6 +60,14 @@ class RunState:
 
     def engine_seconds(self) -> float:
         return self.engine_s
+
+    def add_rows(self, rows: int, errors: int, layers_skipped: float) -> None:
+        """A batch was labeled: its rows, error rows, and the sum of its rows' skipped layer shares."""
+        for key, value in (("rows", rows), ("errors", errors), ("layers_skipped", layers_skipped)):
+            self.counts[key] += value
+
+    def progress(self) -> dict:
+        return dict(self.counts)
 
     def mark(self, event: str, at: float, last: bool = False) -> None:
         self.times[event] = (max if last else min)(at, self.times.get(event, at))
@@ -147,6 +156,12 @@ def add_engine_time(state, seconds: float) -> None:
     """Model time of one call (the report prices full depth from it, not from whole wall time)."""
     if state is not None:
         state.add_engine_seconds.remote(seconds)
+
+
+def add_rows(state, rows: int, errors: int, layers_skipped: float) -> None:
+    """A model actor labeled a batch (the driver's progress lines read the sums, job.progress)."""
+    if state is not None:
+        state.add_rows.remote(rows, errors, layers_skipped)
 
 
 def timestamp() -> float:

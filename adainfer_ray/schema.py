@@ -10,6 +10,8 @@ OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()),              # the input id, or one derived from source file + row position
     ("label", pa.string()),           # predicted label name; null when `error` is set
     ("label_score", pa.float32()),    # confidence of `label` at the exit layer (probability in [0, 1])
+    ("label_probs", pa.list_(pa.float32())),  # every label's probability at the exit layer, in the order of
+                                      # _run.json `labels` (sums to 1; label_score is its largest); null on error
     ("exit_layer", pa.int32()),       # layers run, 1..num_layers; null when `error` is set
     ("num_layers", pa.int32()),       # the model's depth
     ("flops_used", pa.float64()),     # what actually ran: layers to the exit, exit-feature heads, final head

@@ -60,7 +60,7 @@ def test_each_feature_mode_matches_a_direct_computation(tiny_llama, mode):
     with torch.no_grad():
         hs = tiny_llama.model(torch.tensor([x]), output_hidden_states=True).hidden_states
         for k in range(L - 1):  # hidden_states[k+1] is layer k's raw output (before the final norm)
-            label, top, gap, _ = eng.features(k, hs[k + 1][:, -1])
+            label, top, gap, _, _ = eng.features(k, hs[k + 1][:, -1])
             normed = tiny_llama.final_norm(hs[k + 1][0, -1])
             if mode == "vocab":
                 p = torch.softmax(tiny_llama.head(normed), -1)
@@ -210,7 +210,7 @@ def test_trace_computes_only_the_modes_asked(tiny_llama):
     items = random_items(7, seed=5)
     full = EarlyExitEngine(tiny_llama, LABEL_IDS).trace(items)
     slim = EarlyExitEngine(tiny_llama, LABEL_IDS).trace(items, modes=("label",))
-    assert set(slim) == {"final_label", "label_label", "label_top", "label_gap"}  # no vocab head, no hidden states
+    assert set(slim) == {"final_label", "final_probs", "label_label", "label_top", "label_gap"}  # no vocab head, no hidden states
     for key in slim:
         np.testing.assert_array_equal(slim[key], full[key])
     assert "hidden" in EarlyExitEngine(tiny_llama, LABEL_IDS).trace(items, modes=("label", "probe"))
@@ -239,3 +239,25 @@ def test_history_state_travels_with_items_under_regrouping(tiny_llama):
     assert 0 < (runs[0]["exit_layer"] < L).sum() < len(items)
     streak, _ = history_features(tr["label_label"], tr["label_top"])
     assert streak.max() > 1  # the streak did vary, so the test exercised it
+
+
+@pytest.mark.parametrize("mode", ["vocab", "label"])
+def test_label_probs_are_the_exit_layers_distribution(tiny_llama, mode):
+    """label_probs [N, K]: every label's probability at the exit layer, summing to 1, whose largest is
+    label_score at index label; an audited item keeps its exit layer's, not full depth's."""
+    items = random_items(30, seed=11)
+    policy, tr = fitted_policy(tiny_llama, items, mode)
+    audit = np.arange(len(items)) % 2 == 0
+    out = EarlyExitEngine(tiny_llama, LABEL_IDS, policy).classify(items, audit)
+    probs = out["label_probs"]
+    assert probs.shape == (len(items), len(LABEL_IDS)) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    assert (probs.argmax(1) == out["label"]).all()
+    np.testing.assert_allclose(probs.max(1), out["label_score"], atol=1e-6)
+    early = out["exit_layer"] < tiny_llama.num_layers
+    assert early.any() and (early & audit).any()
+    # Full depth's distribution differs from an early exit's: audited early items keep the early one.
+    full = EarlyExitEngine(tiny_llama, LABEL_IDS).classify(items)["label_probs"]
+    np.testing.assert_allclose(probs[~early], full[~early], atol=1e-5)
+    assert not np.allclose(probs[early & audit], full[early & audit], atol=1e-4)
+    np.testing.assert_allclose(tr["final_probs"], full, atol=1e-5)

@@ -55,9 +55,13 @@ def test_classifier_turns_every_bad_row_into_one_error_row(tiny_model_dir, tiny_
     assert errors["r7"] == "text is int, not a string"
     for r in rows:
         if r["error"]:
-            assert r["label"] is None and r["exit_layer"] is None
+            assert r["label"] is None and r["exit_layer"] is None and r["label_probs"] is None
         else:
             assert r["label"] in ("negative", "positive") and 1 <= r["exit_layer"] <= 4
+            # every label's probability, in the task's label order: the chosen one is the largest
+            probs = r["label_probs"]
+            assert len(probs) == 2 and sum(probs) == pytest.approx(1, abs=1e-5)
+            assert probs[("negative", "positive").index(r["label"])] == pytest.approx(r["label_score"], abs=1e-6)
             assert 0 < r["flops_used"] <= r["flops_full"]
             assert r["compute_saved"] == pytest.approx(r["exit_saved"] + r["prefix_saved"])
     assert rows[6]["truncated"] and not rows[0]["truncated"]  # the 1 MB text was cut to fit, and says so
@@ -79,10 +83,19 @@ def test_job_labels_every_row_once_with_the_output_schema(ray_connected, tiny_mo
     write_jsonl(tmp_path / "part-a.jsonl", rows[:70])
     write_jsonl(tmp_path / "part-b.jsonl", rows[70:])
     out = tmp_path / "out"
+    logged = []
     run = run_classify(JobConfig(input=str(tmp_path / "*.jsonl"), output=str(out), label_column="label",
                                  model=str(tiny_model_dir), policy=str(tiny_policy_dir), batch_size=32,
-                                 audit_fraction=0.2), log=lambda *_: None)
+                                 audit_fraction=0.2, progress_s=0.5), log=logged.append)
     table = read_output(out)
+    # Progress lines as a log without a terminal shows them: rows done of the (estimated) total, rate,
+    # layers skipped and error rows so far; the last one counts every row of this run.
+    progress = [x for x in logged if x.startswith("progress: ")]
+    assert progress, logged
+    done = [int(x.split()[1].replace(",", "")) for x in progress]
+    assert done == sorted(done) and done[-1] == 120
+    assert progress[-1].startswith("progress: 120 of about 120 rows (100.0%), ")
+    assert " rows/s; layers skipped " in progress[-1] and progress[-1].endswith(", error rows 2")
     assert table.schema == OUTPUT_SCHEMA
     assert table.num_rows == 120 and run["rows"] == 120
     ids = table.column("id").to_pylist()
@@ -163,3 +176,40 @@ def test_the_package_version_has_one_source():
     assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "adainfer_ray.__version__"}
     assert adainfer_ray.__version__.count(".") == 2
+
+
+def test_audit_fraction_zero_alone_turns_the_audit_off():
+    from adainfer_ray.job.sampling import corpus_audit_rate
+
+    assert corpus_audit_rate(JobConfig(audit_fraction=0), 3000) == 0.0  # no --audit-rows floor then
+    assert corpus_audit_rate(JobConfig(), 3000) == pytest.approx(0.1)  # on: at least 300 rows
+    assert corpus_audit_rate(JobConfig(), 100) == 1.0
+    assert corpus_audit_rate(JobConfig(audit_fraction=0.5), 3000) == 0.5
+    assert not audit_mask([f"r{i}" for i in range(1000)], corpus_audit_rate(JobConfig(audit_fraction=0), 1000), 0).any()
+
+
+def test_quick_start_prints_no_warnings_but_rays_auth_notice(tmp_path):
+    """The quick start's output (default model, demo corpus) holds our summary and no WARNING or
+    core_worker line of ours or of Ray Data's; Ray's own token-auth notice is the one exception."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "classify.py"), "--limit", "40",
+                           "--output", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = (done.stdout + done.stderr).splitlines()
+    # Excepted: Ray's token-auth notice, and core_worker.cc's line on actor constructor arguments in the
+    # object store: Ray Data itself passes every actor pool its map transformer and DataContext as
+    # ray.put handles (map_operator._map_transformer_ref), so no way of passing our arguments avoids it.
+    noisy = [x for x in lines if ("WARNING" in x.upper() or "core_worker" in x or " E " in x[:40])
+             and "authentication_token_setup" not in x and "has constructor arguments in the object store" not in x]
+    assert noisy == [], noisy
+    assert "== adainfer-ray: done ==" in done.stdout and "labels written:" in done.stdout
+
+
+def test_progress_line_says_rows_of_total_rate_time_left_skipped_and_errors():
+    from adainfer_ray.job.progress import progress_line
+
+    line = progress_line({"rows": 1000, "errors": 10, "layers_skipped": 396.0}, 4000, 100.0)
+    assert line == "progress: 1,000 of 4,000 rows (25.0%), 10.0 rows/s, about 5 min 00 s left; " \
+                   "layers skipped 40.0%, error rows 10"
+    assert progress_line({"rows": 50, "errors": 0, "layers_skipped": 0.0}, None, 10.0) == \
+        "progress: 50 rows, 5.0 rows/s; layers skipped 0.0%, error rows 0"

@@ -567,3 +567,43 @@ def test_the_report_says_when_and_why_the_run_acted_on_its_audit(tmp_path):
     assert "## The run acted on its audit" in md and "12 s into the run" in md and "at least 40.0%" in md
     assert "labeled every later row at full depth" in md and "6 rows were labeled before" in md
     assert "checked agreement, not accuracy" in md  # an accuracy promise without gold labels
+
+
+# --- Label health ------------------------------------------------------------------------------
+
+def label_health_run(tmp_path, labels_written, full_labels=(), gold=None, labels=("negative", "neutral", "positive")):
+    rows = [{"id": f"r{i}", "label": label, "label_score": 0.9, "exit_layer": 4, "num_layers": 4, "error": None,
+             "full_label": full_labels[i] if i < len(full_labels) else None,
+             "gold_label": gold[i] if gold else None}
+            for i, label in enumerate(labels_written)]
+    return report.summarize_run([write_run(str(tmp_path / "run"), rows, files=1, junk=False,
+                                           sidecar={**sidecar_for(rows), "labels": list(labels)})])
+
+
+def test_label_health_flags_a_label_never_predicted_and_gold_accuracy_at_the_majority_baseline(tmp_path):
+    """The issue's case: a 3-label task where the model never answers `neutral` (60% of the gold labels)."""
+    written = ["negative"] * 50 + ["positive"] * 50
+    gold = ["neutral"] * 60 + ["negative"] * 20 + ["positive"] * 20
+    summary = label_health_run(tmp_path, written, full_labels=written[:30], gold=gold)
+    health = summary["label_health"]
+    assert health["written"]["shares"] == {"negative": 0.5, "neutral": 0.0, "positive": 0.5}
+    assert health["full_depth_audit"]["rows"] == 30 and health["full_depth_audit"]["shares"]["neutral"] == 0.0
+    assert health["majority_gold_label"] == "neutral" and health["majority_gold_share"] == pytest.approx(0.6)
+    never, baseline = health["warnings"]
+    assert "neutral was (almost) never predicted" in never and "--demos" in never
+    assert "accuracy on gold labels (20.0%) is below that of always answering the most common gold label, " \
+           "neutral (60.0%)" in baseline
+    text = report.job_summary({"summary": summary, "resumed_rows": 0, "num_layers": 4, "output": "out"})
+    assert "labels written: negative 50.0%, neutral 0.0%, positive 50.0% (full depth on 30 audited rows:" in text
+    assert text.count("WARNING: label health:") == 2
+    assert "Label health" in report.render_markdown({**report.build_report([str(tmp_path / "run")]),
+                                                      "plots": {k: k for k in report.PLOT_FILES}})
+
+
+def test_label_health_flags_one_label_taking_nearly_every_row_and_is_quiet_on_a_healthy_run(tmp_path):
+    one_sided = label_health_run(tmp_path / "a", ["positive"] * 98 + ["negative"] * 2, labels=("negative", "positive"))
+    (warning,) = one_sided["label_health"]["warnings"]
+    assert "positive takes 98.0% of 100 rows" in warning
+    healthy = label_health_run(tmp_path / "b", ["positive"] * 55 + ["negative"] * 45, gold=["positive"] * 50 +
+                               ["negative"] * 50, labels=("negative", "positive"))
+    assert healthy["label_health"]["warnings"] == []

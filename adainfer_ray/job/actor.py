@@ -100,6 +100,9 @@ class Classifier:
         rows["after_drift"] = np.full(n, drifted)
         rows["error"] = np.array(errors, dtype=object)
         table = self._with_extra_columns(to_output_table(rows), batch, traces)
+        labeled = np.array([e is None for e in errors])
+        skipped = (self.lm.num_layers - rows["exit_layer"][labeled].astype(np.float64)) / self.lm.num_layers
+        runstate.add_rows(self.run_state, n, int((~labeled).sum()), float(skipped.sum()))  # progress lines
         if self.calls == 1:  # the run keeps the earliest of its actors' first batches: first_labels_s
             runstate.mark(self.run_state, "first_labels")
         runstate.mark(self.run_state, "last_labels", last=True)  # labeling time: actor_ready to last_labels
@@ -175,7 +178,8 @@ class Classifier:
         L, P = self.lm.num_layers, len(self.encoder.prefix_ids)
         flops = [item_flops(self.engine.dims, P, len(x), L, "none", len(self.task.labels), 1, self.cfg.reuse_prefix)
                  for x in encoded.item_ids]
-        out = {"label": tr["final_label"], "label_score": tr["label_top"][:, -1], "exit_layer": np.full(len(where), L),
+        out = {"label": tr["final_label"], "label_score": tr["label_top"][:, -1], "label_probs": tr["final_probs"],
+               "exit_layer": np.full(len(where), L),
                "full_label": tr["final_label"], "num_tokens": np.array([P + len(x) for x in encoded.item_ids]),
                **{"flops_" + k: np.array([f[k] for f in flops]) for k in ("used", "full", "full_reuse")}}
         self._fill(rows, np.array(where), out, np.array(encoded.truncated))
@@ -187,6 +191,8 @@ class Classifier:
         labels = np.array(self.task.labels, dtype=object)
         rows["label"][at] = labels[out["label"]]
         rows["label_score"][at] = out["label_score"]
+        for j, i in enumerate(at):  # [K] per row, in the order of task.labels (_run.json `labels`)
+            rows["label_probs"][i] = out["label_probs"][j]
         rows["exit_layer"][at] = out["exit_layer"]
         rows["flops_used"][at], rows["flops_full"][at] = out["flops_used"], out["flops_full"]
         full, reuse = out["flops_full"], out["flops_full_reuse"]
@@ -245,6 +251,7 @@ def empty_rows(n: int, num_layers: int) -> dict[str, np.ndarray]:
     """[n] per output column, as a row that failed has them (the engine fills the rest)."""
     nan = np.full(n, np.nan)
     return {"label": np.full(n, None, dtype=object), "label_score": np.full(n, np.nan, np.float32),
+            "label_probs": np.full(n, None, dtype=object),
             "exit_layer": np.full(n, None, dtype=object), "num_layers": np.full(n, num_layers, np.int32),
             "flops_used": nan.copy(), "flops_full": nan.copy(), "compute_saved": nan.copy(),
             "exit_saved": nan.copy(), "prefix_saved": nan.copy(), "num_tokens": np.full(n, None, dtype=object),

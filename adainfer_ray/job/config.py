@@ -46,6 +46,7 @@ class JobConfig:
     seed: int = 0
     limit: int | None = None
     overwrite: bool = False
+    progress_s: float = 10.0  # seconds between progress lines (job.progress); 0: none
 
 
 class JobError(ValueError):
@@ -92,6 +93,7 @@ def check_input(cfg: JobConfig) -> CheckedInput:
     checks = [(0 <= cfg.audit_fraction <= 1, "--audit-fraction must be between 0 and 1"),
               (cfg.audit_rows >= 0, "--audit-rows must be at least 0"),
               (cfg.batch_size >= 1, "--batch-size must be at least 1"),
+              (cfg.progress_s >= 0, "--progress-every takes seconds (0: no progress lines)"),
               (cfg.limit is None or cfg.limit >= 0, "--limit must be at least 0"),
               (cfg.calibrate >= 0, "--calibrate takes a number of rows (e.g. 2000)"),
               (0 < cfg.epsilon < 1 and 0 < cfg.delta < 1, "--epsilon and --delta must be between 0 and 1"),

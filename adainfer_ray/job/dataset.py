@@ -69,6 +69,34 @@ def gold_is_one_based(files, fmt, cfg: JobConfig, task, peek: int = 2000) -> boo
     return bool(ints) and len(ints) == len(values) and min(ints) >= 1 and max(ints) == len(task.labels)
 
 
+class _DropCpuWarning:
+    """logging filter: drops Ray Data's "no available CPUs ... will hang" line and nothing else."""
+
+    def filter(self, record) -> bool:
+        return "will hang unless more CPUs" not in record.getMessage()
+
+
+def _quiet_cpu_warning():
+    """While the write runs, Ray Data's "will hang" warning is dropped: it reads a snapshot of free
+    CPUs, and our model actors hold CPUs by design (--actors N on an N-core node takes them all), so
+    at the end of a run it fires for our own actors, not for a hang. (The cost: on a cluster whose
+    CPUs are all taken by someone else before the run starts, this early hint is lost too; Ray Data's
+    progress then shows the actor pool waiting.)"""
+    import contextlib
+    import logging
+
+    @contextlib.contextmanager
+    def installed():
+        logger, dropper = logging.getLogger("ray.data.dataset"), _DropCpuWarning()
+        logger.addFilter(dropper)
+        try:
+            yield
+        finally:
+            logger.removeFilter(dropper)
+
+    return installed()
+
+
 def write_output(ds, output: str, started) -> None:
     """The labeled rows as Parquet files in `output`; with no rows at all, an empty table that every
     reader can open. `started` (a datetime) names memory:// parts."""
@@ -80,6 +108,11 @@ def write_output(ds, output: str, started) -> None:
             with out_fs.open(f"{out_root.rstrip('/')}/part-{started:%Y%m%dT%H%M%S}-{k:05d}.parquet", "wb") as f:
                 pq.write_table(batch, f)
     else:
-        ds.write_parquet(output)
+        # Writing is light: half a CPU per write task, as for the reads. At 1 CPU, the last write task and
+        # a model actor being torn down held both CPUs of a 2-core machine when Ray Data, having finished
+        # the write, re-checks the cluster (write_parquet materialises, then runs the result once more),
+        # and it warned that "the Dataset job will hang": a run that had ended, reported as a hang.
+        with _quiet_cpu_warning():
+            ds.write_parquet(output, ray_remote_args={"num_cpus": 0.5})
     if not io.output_files(output):
         io.write_parquet(output, "empty.parquet", OUTPUT_SCHEMA.empty_table())

@@ -15,6 +15,7 @@ from adainfer_ray.job.cluster import map_classifier, plan_resources, preflight_a
 from adainfer_ray.job.config import JobConfig, JobError
 from adainfer_ray.job.dataset import estimate_rows, read_dataset, write_output
 from adainfer_ray.job.plan import run_precision, warn_on_precision
+from adainfer_ray.job.progress import ProgressReporter
 from adainfer_ray.job.sampling import corpus_audit_rate
 from adainfer_ray.schema import SIDECAR_NAME
 
@@ -39,7 +40,8 @@ def run_classify(cfg: JobConfig, log=print, started_at: float | None = None) -> 
     ds = map_classifier(ds, cfg, plan.task, plan.policy, res, audit_rate=audit_rate,
                         gold_one_based=plan.gold_one_based, run_state=state)
     try:
-        write_output(ds, cfg.output, datetime.fromtimestamp(started_at, timezone.utc))
+        with ProgressReporter(state, *_rows_to_label(cfg, plan, done), cfg.progress_s, log):
+            write_output(ds, cfg.output, datetime.fromtimestamp(started_at, timezone.utc))
     except Exception as e:
         drift = (runstate.ask(state, "audit_state") or {}).get("drift")
         if cfg.on_drift != "stop" or drift is None:
@@ -165,10 +167,19 @@ def _say_what_is_kept(cfg, calibration, done, log) -> None:
 
 def _start_record(cfg, plan, res, identity, previous, started_at: float) -> list[dict]:
     """_run.json as the run starts; it carries the policy's promise, so that the report's verdict
-    (report.summarize_run) is the run's."""
+    (report.summarize_run) is the run's, and the task's labels (a label never predicted counts too)."""
     started = datetime.fromtimestamp(started_at, timezone.utc).isoformat()
-    return resume.start_record(cfg.output, previous, {**identity, "promise": plan.policy.promise},
+    # ... and the labels, in the order of label_probs, so that the summary's label health knows them all.
+    return resume.start_record(cfg.output, previous, {**identity, "promise": plan.policy.promise,
+                                                      "labels": list(plan.task.labels)},
                                {"start_time": started, "device": res.device_kind})
+
+
+def _rows_to_label(cfg, plan, done) -> tuple[int, bool]:
+    """Rows this run labels, for its progress lines, and whether that is exact: Parquet footers and the
+    embedded corpus are; text formats are line counts (blank lines, quoted newlines), an estimate."""
+    exact = plan.embedded_rows is not None or plan.format == "parquet"
+    return max(0, estimate_rows(cfg, plan) - len(done)), exact
 
 
 def _audit_rate(cfg, plan, calibration) -> float:

@@ -22,7 +22,11 @@ def audit_mask(ids, fraction: float, seed: int) -> np.ndarray:
 
 
 def corpus_audit_rate(cfg, rows: int) -> float:
-    """The share of a `rows`-row corpus the job audits: --audit-fraction, or enough for --audit-rows."""
+    """The share of a `rows`-row corpus the job audits: --audit-fraction, or enough for --audit-rows;
+    none at all with --audit-fraction 0 (one flag turns the audit off: --audit-rows is its floor only
+    while it is on)."""
+    if cfg.audit_fraction <= 0:
+        return 0.0
     return max(cfg.audit_fraction, min(1.0, cfg.audit_rows / max(1, rows)))
 
 

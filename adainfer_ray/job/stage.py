@@ -14,7 +14,9 @@ def label(ds, *, text_column: str = "text", id_column: str | None = None, task: 
           gpus_per_actor: float | None = None, batch_size: int = 256, audit_fraction: float = 0.01,
           seed: int = 0, trust_remote_code: bool = False):
     """Early-exit labeling as one stage of your own Ray Data pipeline: returns `ds` with the output
-    columns (schema.OUTPUT_SCHEMA: label, exit_layer, compute_saved, ...) added to its own.
+    columns (schema.OUTPUT_SCHEMA: label, label_probs, exit_layer, compute_saved, ...) added to its own.
+    `label_probs` holds every label's probability at the exit layer, in the order of `labels` (or the
+    task's own labels: prompts.make_task(task).labels).
 
         ds = ray.data.read_parquet("s3://bucket/reviews/")
         ds = adainfer_ray.label(ds, text_column="body", id_column="review_id")

@@ -15,6 +15,9 @@ DEVICE_PRICES = {
     "H100": (12.00, "about the per-GPU share of an 8 x H100-80GB on-demand instance in 2024 (AWS p5.48xlarge "
                     "about USD 98/h)"),
 }
+# Dense bf16 peak TFLOP/s of each priced device (vendor data sheets), for `--plan`'s estimate of how
+# long a corpus takes on a device the plan cannot measure (it assumes a stated share of this peak).
+DEVICE_PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0}
 DEFAULT_GPU = "A100"  # kept for callers; pricing follows the run's device
 DEFAULT_PRICE_PER_GPU_HOUR = DEVICE_PRICES[DEFAULT_GPU][0]
 DEFAULT_PRICE_SOURCE = DEVICE_PRICES[DEFAULT_GPU][1]

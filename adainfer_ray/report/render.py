@@ -85,6 +85,7 @@ def report_sections(report: dict) -> list[Section]:
         + (f"; {fmt_n(run['gold_accuracy']['rows_without_label'])} rows with a gold label have "
            "no prediction" if run["gold_accuracy"]["rows_without_label"] else ""),
     ], paragraphs=["Intervals are 95% Wilson score intervals."]))
+    sections.append(_label_health_section(run))
     sections.append(Section("Savings by label", table=(
         ["label", "rows", "share", "mean exit layer", "layers skipped", "FLOPs saved",
          "by early exit", "by prefix reuse"],
@@ -107,6 +108,22 @@ def report_sections(report: dict) -> list[Section]:
     if run["warnings"]:
         sections.append(Section("Warnings", bullets=list(run["warnings"])))
     return sections
+
+
+def _label_health_section(run: dict) -> Section:
+    """The label distribution, written and at full depth on the audit sample, and what looks wrong."""
+    health = run.get("label_health") or {"labels": [], "written": {"shares": {}}, "full_depth_audit": {"shares": {}},
+                                         "warnings": []}
+    gold = run.get("gold_label_counts") or {}
+    gold_rows = sum(gold.values())
+    rows = [[str(label), fmt_pct(health["written"]["shares"].get(label)),
+             fmt_pct(health["full_depth_audit"]["shares"].get(label)),
+             fmt_pct(gold.get(label, 0) / gold_rows) if gold_rows else "n/a"]
+            for label in health["written"]["shares"]]
+    return Section("Label health", table=(["label", "share written", "share at full depth (audit)", "share of gold labels"],
+                                          rows),
+                   paragraphs=[] if health["warnings"] else ["No sign of a label the model ignores or favours."],
+                   bullets=list(health["warnings"]))
 
 
 def _cost_section(cost: dict) -> Section:

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from adainfer_ray.report.health import label_health
 from adainfer_ray.report.outputs import (BATCH_ROWS, column, find_parquet_files, is_valid, iter_batches,
                                          numbers, read_sidecar)
 from adainfer_ray.report.verdict import run_verdict
@@ -22,8 +23,8 @@ from adainfer_ray.stats import proportion, ratio, upper_bound
 
 SAVED_SHARE_BINS = 100     # fixed bins over [0, 1] for the per-row saved-share histograms
 
-# The columns a summary reads: everything but `id`, which is the widest column and not needed.
-SUMMARY_COLUMNS = [name for name in OUTPUT_SCHEMA.names if name != "id"]
+# The columns a summary reads: everything but `id` and `label_probs`, the widest columns, not needed.
+SUMMARY_COLUMNS = [name for name in OUTPUT_SCHEMA.names if name not in ("id", "label_probs")]
 
 FLOP_COLUMNS = ["flops_used", "flops_full", "compute_saved", "exit_saved", "prefix_saved"]
 
@@ -64,6 +65,8 @@ class RunSummary:
         self.policy_gold_rows = self.policy_gold_correct = 0
         self.full_gold_rows = self.full_gold_correct = 0  # audited rows with a gold label: accuracy at full depth
         self.gold_rows = self.gold_correct = self.gold_rows_without_label = 0
+        # Label health (report.health): full-depth labels on the audit sample, and gold labels, by name.
+        self.full_depth_label_counts, self.gold_label_counts = Counter(), Counter()
 
     def update(self, batch: pa.RecordBatch) -> "RunSummary":
         ok = ~is_valid(column(batch, "error"))
@@ -167,6 +170,8 @@ class RunSummary:
         self.audit_agreeing += same
         gold = column(batch, "gold_label")
         compared, same = _matches(full, gold, has_label & ~sample & is_valid(full))
+        _count_values(self.full_depth_label_counts, full, has_label & ~sample & is_valid(full))
+        _count_values(self.gold_label_counts, gold, is_valid(gold))
         self.full_gold_rows += compared
         self.full_gold_correct += same
         compared, same = _matches(label, gold, has_label)
@@ -217,6 +222,8 @@ class RunSummary:
                                "layers_skipped_share": ratio(self.policy_layers_skipped, self.policy_rows),
                                "gold_accuracy": proportion(self.policy_gold_correct, self.policy_gold_rows)},
             "full_depth_gold_accuracy": proportion(self.full_gold_correct, self.full_gold_rows),
+            "full_depth_label_counts": dict(self.full_depth_label_counts.most_common()),
+            "gold_label_counts": dict(self.gold_label_counts.most_common()),
             "gold_accuracy": {**proportion(self.gold_correct, self.gold_rows),
                               "rows_without_label": self.gold_rows_without_label},
         }
@@ -227,6 +234,12 @@ class RunSummary:
         counts = np.zeros(size + 1, dtype=np.int64)
         counts[:len(self.exit_layer_counts)] = self.exit_layer_counts
         return counts[1:].tolist()
+
+
+def _count_values(counter: Counter, values: pa.Array, where: np.ndarray) -> None:
+    """Add how often each value of `values` occurs among the rows `where` ([n] bools)."""
+    for item in pc.value_counts(values.filter(pa.array(where))).to_pylist():
+        counter[item["values"]] += item["counts"]
 
 
 def _matches(label: pa.Array, reference: pa.Array, has_label: np.ndarray) -> tuple[int, int]:
@@ -342,7 +355,9 @@ def summarize_run(inputs: list[str], batch_size: int = BATCH_ROWS) -> dict:
     promises = [s.get("promise") for s in sidecars if s]
     summary["verdict"] = run_verdict(summary, promises[0] if promises else None)
     summary["drift"] = next((s["drift"] for s in sidecars if s and s.get("drift")), None)  # the run acted on its audit
-    summary["warnings"] = _run_warnings(summary)
+    labels = [s.get("labels") for s in sidecars if s and s.get("labels")]
+    summary["label_health"] = label_health(summary, labels[0] if labels else None)
+    summary["warnings"] = _run_warnings(summary)  # the label health's own warnings stay in label_health
     return summary
 
 

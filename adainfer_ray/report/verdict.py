@@ -4,9 +4,17 @@ and the end-of-run summary `jobs/classify.py` prints (`job_summary`). The one ow
 
 from __future__ import annotations
 
+from adainfer_ray.report.health import distribution_text
 from adainfer_ray.report.text import fmt_n, fmt_num, fmt_pct, fmt_proportion
 from adainfer_ray.schema import SIDECAR_NAME
 from adainfer_ray.stats import lower_bound, ratio, rows_to_confirm
+
+
+def promise_text(promise: dict) -> str:
+    """A policy's promise in one sentence (the job's summary and --plan)."""
+    return (f"Early exit skips about {fmt_pct(promise.get('layers_skipped'))} of the model's layers, and with "
+            f"{fmt_pct(1 - promise['delta'], 0)} confidence it changes at most {fmt_pct(promise['epsilon'])} of the "
+            f"labels that the full model would give (calibrated on {fmt_n(promise['calibration_size'])} rows).")
 
 
 def run_verdict(summary: dict, promise: dict | None) -> dict:
@@ -24,12 +32,10 @@ def run_verdict(summary: dict, promise: dict | None) -> dict:
         return out
     eps = promise["epsilon"]
     out["epsilon"] = eps
-    skipped = promise.get("layers_skipped")
-    out["promise"] = (f"Early exit skips about {fmt_pct(skipped)} of the model's layers, and with "
-                      f"{fmt_pct(1 - promise['delta'], 0)} confidence it changes at most {fmt_pct(eps)} of the labels "
-                      f"that the full model would give (calibrated on {fmt_n(promise['calibration_size'])} rows).")
+    out["promise"] = promise_text(promise)
     if not audited:
-        out["message"] = "No row was audited, so this run cannot check the promise (see --audit-rows)"
+        out["message"] = ("No row was audited (--audit-fraction 0 turns the audit off), so this run cannot check "
+                          "the promise")
     elif bound <= eps:
         out["ok"] = True
         out["message"] = (f"Promise confirmed by the audit: {fmt_n(disagreed)} of {fmt_n(audited)} audited labels "
@@ -100,6 +106,10 @@ def job_summary(record: dict) -> str:
             line += (f" (full depth on the {fmt_n(s['full_depth_gold_accuracy']['rows'])} audited ones: "
                      f"{fmt_pct(s['full_depth_gold_accuracy']['share'])})")
         lines.append(line)
+    health = s.get("label_health")
+    if health and health["written"]["rows"]:
+        lines.append(distribution_text(health))
+        lines += [f"WARNING: {w}" for w in health["warnings"]]
     if record.get("rows_per_s") is not None:
         lines.append(f"{fmt_num(record['rows_per_s'], 1)} rows/s over {fmt_num(record['wall_s'], 1)} s on "
                      f"{record['device']} ({record.get('dtype')})"
