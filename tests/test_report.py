@@ -547,3 +547,18 @@ def test_multi_million_row_output_is_summarised_in_bounded_memory(tmp_path):
     assert measured["report_kib"] * kib < table_bytes
     # Joining the 3 M-row run with another by id holds one bucket at a time, not all the ids.
     assert compare_growth < table_bytes / 3
+
+
+def test_audit_gold_counts_the_accuracy_promises_paired_losses(tmp_path, rows):
+    """Audited rows with gold: wrong only at the exit (+1) and wrong only at full depth (-1), as
+    counted independently here; rows without gold or audit, error rows and the sample stay out."""
+    rows = [dict(r) for r in rows]
+    rows[5].update(calibration=True)
+    summary = report.summarize_run([write_run(str(tmp_path / "run"), rows, sidecar=sidecar_for(rows))])
+    audited = [r for r in rows if r["error"] is None and r["label"] is not None and not r["calibration"]
+               and r["full_label"] is not None and r["gold_label"] is not None]
+    assert summary["audit_gold"] == {
+        "rows": len(audited),
+        "exit_only_wrong": sum(r["label"] != r["gold_label"] and r["full_label"] == r["gold_label"] for r in audited),
+        "full_only_wrong": sum(r["label"] == r["gold_label"] and r["full_label"] != r["gold_label"] for r in audited)}
+    assert summary["audit_gold"]["exit_only_wrong"] > 0 and summary["audit_gold"]["full_only_wrong"] > 0
