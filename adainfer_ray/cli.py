@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from adainfer_ray.job.config import EMBEDDED_CORPUS, JobConfig
+from adainfer_ray.job.config import EMBEDDED_CORPUS, PROMISES, JobConfig
 
 DEFAULTS = JobConfig()
 
@@ -80,9 +80,17 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
 def add_calibration_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration (the promise)")
     g.add_argument("--epsilon", type=float, default=DEFAULTS.epsilon,
-                   help="promised bound on the share of rows whose label early exit changes vs the full model")
+                   help="the promised bound: the share of labels early exit changes vs the full model (--promise "
+                        "agreement), or the accuracy it loses, as a fraction (--promise accuracy; 0.01 = 1 point)")
     g.add_argument("--delta", type=float, default=DEFAULTS.delta,
                    help="allowed probability that the promise fails (over the draw of the calibration sample)")
+    g.add_argument("--promise", default=DEFAULTS.promise, choices=list(PROMISES),
+                   help="what --epsilon bounds. agreement: the share of labels early exit changes vs the full model "
+                        "(no gold labels needed; the strictest). accuracy: the accuracy points early exit loses vs "
+                        "the full model, measured on gold labels (needs --label-column when calibrating; a label "
+                        "that changes from wrong to right pays for one that changes from right to wrong, so it "
+                        "skips more layers). Without --calibrate, --policy default picks the shipped policy made "
+                        "under this promise")
     g.add_argument("--seed", type=int, default=DEFAULTS.seed,
                    help="seed of the calibration sample, its fit/test split, and the audit sample")
 
@@ -116,7 +124,7 @@ def config_from_args(a: argparse.Namespace, **extra) -> JobConfig:
         template=unescape(a.template), demos=a.demos, model=a.model, device=a.device, dtype=a.dtype,
         trust_remote_code=a.trust_remote_code, reuse_prefix=not a.no_prefix_reuse,
         max_batch_tokens=a.max_batch_tokens, actors=a.actors, gpus_per_actor=a.gpus_per_actor,
-        batch_size=a.batch_size, epsilon=a.epsilon, delta=a.delta, seed=a.seed, limit=a.limit, **extra)
+        batch_size=a.batch_size, epsilon=a.epsilon, delta=a.delta, promise=a.promise, seed=a.seed, limit=a.limit, **extra)
 
 
 def run_main(fn, *args) -> int:

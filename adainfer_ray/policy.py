@@ -260,17 +260,25 @@ class ExitPolicy:
                               "recalibrate with --calibrate N (or jobs/calibrate.py), or use --policy full")
 
 
-def resolve_policy(spec: str, model_id: str, task_name: str) -> ExitPolicy:
+def shipped_policy_name(model_id: str, task_name: str, promise: str = "agreement") -> str:
+    """The folder under data/policies that `--policy default` reads: <model>-<task>, with
+    `-accuracy` for the policy calibrated under the accuracy promise."""
+    return f"{model_id}-{task_name}" + ("-accuracy" if promise == "accuracy" else "")
+
+
+def resolve_policy(spec: str, model_id: str, task_name: str, promise: str = "agreement") -> ExitPolicy:
     """The one place a --policy value becomes a policy: `full`, `default` (shipped for the default
-    model and the built-in tasks), or a folder / fsspec URI written by calibration."""
+    model and the built-in tasks, under `promise`), or a folder / fsspec URI written by calibration."""
     if spec == "full":
         return ExitPolicy.full_depth()
     if spec == "default":
-        folder = SHIPPED_POLICIES / f"{model_id}-{task_name}"
+        folder = SHIPPED_POLICIES / shipped_policy_name(model_id, task_name, promise)
         if not (folder / POLICY_JSON).exists():
-            raise PolicyError(f"no exit policy ships for model {model_id!r} and task {task_name!r}: "
-                              "pass --calibrate N to calibrate one on N rows of this corpus inside the run, "
-                              "or --policy full for no early exit")
+            which = "an accuracy-promise exit policy" if promise == "accuracy" else "an exit policy"
+            raise PolicyError(f"no {which} ships for model {model_id!r} and task {task_name!r}: "
+                              "pass --calibrate N to calibrate one on N rows of this corpus inside the run"
+                              + (", --promise agreement," if promise == "accuracy" else "")
+                              + " or --policy full for no early exit")
         return ExitPolicy.load(folder)
     return ExitPolicy.load(spec)
 

@@ -129,9 +129,10 @@ def proportion(successes: int, trials: int) -> dict:
 BET_CAP = 0.75
 
 
-def betting_wealth(losses: np.ndarray, epsilon: float, cap: float = BET_CAP) -> np.ndarray:
-    """The bettor's wealth after each item, against H0 "E[loss] >= epsilon": losses [K, n] in
-    [-1, 1] (K candidates, items in the order they are revealed) -> wealth [K, n].
+def betting_log_wealth(losses: np.ndarray, epsilon: float, cap: float = BET_CAP) -> np.ndarray:
+    """The log of the bettor's wealth after each item, against H0 "E[loss] >= epsilon": losses
+    [K, n] in [-1, 1] (K candidates, items in the order they are revealed) -> log wealth [K, n]
+    (kept as a log: a long run of concordant items grows the wealth past float range).
 
     K_t = prod_{i<=t} (1 + lambda_i (epsilon - loss_i)). Under H0 each factor has mean <= 1 for any
     lambda_i >= 0 fixed before item i is seen, so K is a non-negative supermartingale. lambda_i is
@@ -148,7 +149,7 @@ def betting_wealth(losses: np.ndarray, epsilon: float, cap: float = BET_CAP) -> 
     past_sq = np.concatenate([np.zeros((K, 1)), np.cumsum(x**2, 1)[:, :-1]], 1) + prior_v
     mean, second = past_sum / count, past_sq / count
     lam = np.clip(mean / np.maximum(second, 1e-12), 0.0, cap / (1.0 - epsilon))  # predictable: past items only
-    return np.exp(np.cumsum(np.log1p(lam * x), 1))
+    return np.cumsum(np.log1p(lam * x), 1)
 
 
 def betting_pvalue(losses, epsilon: float, seed: int = 0, cap: float = BET_CAP) -> np.ndarray:
@@ -165,8 +166,8 @@ def betting_pvalue(losses, epsilon: float, seed: int = 0, cap: float = BET_CAP) 
     if losses.min() < -1 or losses.max() > 1:
         raise ValueError("betting_pvalue needs losses in [-1, 1]")
     order = np.random.default_rng(seed).permutation(losses.shape[1])
-    wealth = betting_wealth(losses[:, order], epsilon, cap)
-    return np.minimum(1.0, 1.0 / np.maximum(wealth.max(1), 1.0))
+    log_wealth = betting_log_wealth(losses[:, order], epsilon, cap)
+    return np.exp(-np.maximum(log_wealth.max(1), 0.0))  # min(1, 1 / max_t K_t)
 
 
 # -- Learn-then-Test ------------------------------------------------------------------------------

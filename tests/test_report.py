@@ -607,3 +607,18 @@ def test_label_health_flags_one_label_taking_nearly_every_row_and_is_quiet_on_a_
     healthy = label_health_run(tmp_path / "b", ["positive"] * 55 + ["negative"] * 45, gold=["positive"] * 50 +
                                ["negative"] * 50, labels=("negative", "positive"))
     assert healthy["label_health"]["warnings"] == []
+
+
+def test_audit_gold_counts_the_accuracy_promises_paired_losses(tmp_path, rows):
+    """Audited rows with gold: wrong only at the exit (+1) and wrong only at full depth (-1), as
+    counted independently here; rows without gold or audit, error rows and the sample stay out."""
+    rows = [dict(r) for r in rows]
+    rows[5].update(calibration=True)
+    summary = report.summarize_run([write_run(str(tmp_path / "run"), rows, sidecar=sidecar_for(rows))])
+    audited = [r for r in rows if r["error"] is None and r["label"] is not None and not r["calibration"]
+               and r["full_label"] is not None and r["gold_label"] is not None]
+    assert summary["audit_gold"] == {
+        "rows": len(audited),
+        "exit_only_wrong": sum(r["label"] != r["gold_label"] and r["full_label"] == r["gold_label"] for r in audited),
+        "full_only_wrong": sum(r["label"] == r["gold_label"] and r["full_label"] != r["gold_label"] for r in audited)}
+    assert summary["audit_gold"]["exit_only_wrong"] > 0 and summary["audit_gold"]["full_only_wrong"] > 0

@@ -7,7 +7,9 @@
 One idea per module, and data flows down this list:
 
     run.py          run_classify / run_calibrate: the orchestration, and the run record (_run.json)
-    calibration.py  --calibrate: the seeded sample, tracing it through the actors, fitting the policy
+    calibration.py  --calibrate: the seeded sample, tracing it through the actors, fitting the policy;
+                    refit_policy: a new policy from a kept trace (jobs/calibrate.py --refit)
+    trace_file.py   the sample's trace on disk (<policy>/trace.safetensors), for refits
     stage.py        label(ds, ...): the labeling step inside a user's own Ray Data pipeline
     cluster.py      Ray start (overlapped with the preflight), Resources, the one actor pool
     actor.py        Classifier: loads the model once, maps a batch of rows to output rows
@@ -36,10 +38,10 @@ What the job promises (the README's "What the job guarantees" is the user's vers
 - a row that kills its actor every time ends as an error row (adainfer_ray.runstate).
 """
 
-from adainfer_ray.job.calibration import calibrate_policy
+from adainfer_ray.job.calibration import calibrate_policy, refit_policy
 from adainfer_ray.job.config import JobConfig, JobError
 from adainfer_ray.job.plan import preflight
 from adainfer_ray.job.run import run_calibrate, run_classify
 from adainfer_ray.job.stage import label
 
-__all__ = ["JobConfig", "JobError", "calibrate_policy", "label", "preflight", "run_calibrate", "run_classify"]
+__all__ = ["JobConfig", "JobError", "calibrate_policy", "label", "refit_policy", "preflight", "run_calibrate", "run_classify"]

@@ -16,8 +16,17 @@ from adainfer_ray.job.config import JobConfig
 from adainfer_ray.job.sampling import audit_mask
 from adainfer_ray.schema import OUTPUT_SCHEMA
 
-# The per-layer exit features a trace holds ([L] per row; hidden: [L, D]), as the engine's trace names them.
+# The per-layer exit features a trace can hold ([L] per row; hidden: [L, D]), as the engine's trace names them.
 TRACE_FEATURES = ("hidden", "vocab_label", "vocab_top", "vocab_gap", "label_label", "label_top", "label_gap")
+
+
+def trace_features(modes: tuple[str, ...]) -> tuple[str, ...]:
+    """The trace columns the engine returns for these feature modes (calibrate.trace_modes): the
+    label head always (it is the model's own answer), hidden with "probe", vocab_* with "vocab"."""
+    wanted = {"label_label", "label_top", "label_gap"}
+    wanted |= {"hidden"} if "probe" in modes else set()
+    wanted |= {"vocab_label", "vocab_top", "vocab_gap"} if "vocab" in modes else set()
+    return tuple(k for k in TRACE_FEATURES if k in wanted)
 
 
 class Classifier:
@@ -41,7 +50,13 @@ class Classifier:
 
         if threads:  # CPU actors share the node's cores (job.cluster.threads_per_actor)
             torch.set_num_threads(threads)
+        from adainfer_ray.calibrate import trace_modes
+
         self.cfg, self.task, self.trace = cfg, task, trace
+        # trace mode computes only what the calibration's candidate rules read: the full-vocabulary
+        # head at every layer is the costly part, and the default candidates do not use it
+        self.trace_modes = trace_modes()
+        self.trace_features = trace_features(self.trace_modes)
         self.audit_rate, self.gold_one_based = audit_rate, gold_one_based
         self.text_column, self.id_column, self.keep_columns = text_column, id_column, tuple(keep_columns)
         self.lm = load_model(cfg.model, cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
@@ -146,7 +161,7 @@ class Classifier:
         for name in self.keep_columns:  # label(): the caller's own columns ride along
             table = table.append_column(name, pa.array(list(batch[name])))
         if self.trace:
-            for key in TRACE_FEATURES + ("item_tokens",):  # one list per row, null where a row has no trace
+            for key in self.trace_features + ("item_tokens",):  # one list per row, null where a row has no trace
                 table = table.append_column("trace_" + key, _list_column([tr and tr[key] for tr in traces]))
         return table
 
@@ -174,7 +189,7 @@ class Classifier:
         at full depth) and keep each row's trace. The exit heads' own FLOPs are not counted here."""
         from adainfer_ray.flops import item_flops
 
-        tr = self.engine.trace(encoded.item_ids)
+        tr = self.engine.trace(encoded.item_ids, modes=self.trace_modes)
         L, P = self.lm.num_layers, len(self.encoder.prefix_ids)
         flops = [item_flops(self.engine.dims, P, len(x), L, "none", len(self.task.labels), 1, self.cfg.reuse_prefix)
                  for x in encoded.item_ids]
@@ -184,7 +199,7 @@ class Classifier:
                **{"flops_" + k: np.array([f[k] for f in flops]) for k in ("used", "full", "full_reuse")}}
         self._fill(rows, np.array(where), out, np.array(encoded.truncated))
         for j, i in enumerate(where):
-            traces[i] = {**{key: tr[key][j] for key in TRACE_FEATURES},
+            traces[i] = {**{key: tr[key][j] for key in self.trace_features},
                          "item_tokens": np.array([len(encoded.item_ids[j])])}
 
     def _fill(self, rows, at, out, truncated):

@@ -13,17 +13,17 @@ import numpy as np
 import pyarrow as pa
 
 from adainfer_ray import io, resume
-from adainfer_ray.job.actor import TRACE_FEATURES
+from adainfer_ray.job.actor import trace_features
 from adainfer_ray.job.cluster import Resources, map_classifier
 from adainfer_ray.job.config import JobConfig, JobError
 from adainfer_ray.job.dataset import read_dataset
 from adainfer_ray.job.plan import Plan, resolve_policy, run_precision
 from adainfer_ray.job.sampling import calibration_keys
+from adainfer_ray.job.trace_file import SavedTrace, load_trace, save_trace
 from adainfer_ray.schema import OUTPUT_SCHEMA
 
 POLICY_SUBDIR = resume.POLICY_SUBDIR  # where --calibrate writes its policy, inside --output
 SAMPLE_FILE = "calibration-sample.parquet"  # the calibration sample's output rows, inside --output
-TRACE_KEYS = TRACE_FEATURES + ("item_tokens",)
 
 
 @dataclass
@@ -61,9 +61,8 @@ def calibrate_policy(cfg: JobConfig, plan: Plan, ray, res: Resources, folder: st
                      command: str = "", run_state=None) -> Calibration:
     """Draw a seeded uniform sample of `size` input rows, trace it at full depth through the job's
     own actors, calibrate on the driver (Learn-then-Test) and write the policy and its report to
-    `folder` (local or fsspec). Used by `classify --calibrate N` and by jobs/calibrate.py."""
-    from adainfer_ray import calibrate as cal
-
+    `folder` (local or fsspec), with the sample's trace (trace.safetensors: refit_policy reads it).
+    Used by `classify --calibrate N` and by jobs/calibrate.py."""
     started = time.perf_counter()
     ds = read_dataset(cfg, plan, ray)
     cutoff, seen = draw_sample_cutoff(ds, size, cfg.seed)
@@ -75,19 +74,45 @@ def calibrate_policy(cfg: JobConfig, plan: Plan, ray, res: Resources, folder: st
     sample_rows, trace, gold, groups = _collect_traces(traced, plan)
     log(f"calibration: traced {len(gold)} rows in {time.perf_counter() - started:.0f} s; "
         "fitting and testing exit rules...")
-    provenance = _provenance(cfg, plan, ray, res, seen, command, run_state)
-    result = cal.calibrate(trace, plan.dims, plan.prefix_tokens, len(plan.task.labels), epsilon=cfg.epsilon,
-                           delta=cfg.delta, seed=cfg.seed, gold=gold if (gold >= 0).any() else None,
-                           groups=groups if cfg.group_column else None, provenance=provenance,
-                           log=lambda m: log("  " + m))
+    saved = SavedTrace(trace, gold, groups if cfg.group_column else None, plan.dims, plan.prefix_tokens,
+                       len(plan.task.labels), _provenance(cfg, plan, ray, res, seen, command, run_state))
+    save_trace(folder, saved)  # first: a fit that fails can be redone from it (refit_policy)
+    result = _fit(saved, cfg.epsilon, cfg.delta, cfg.promise, cfg.seed, log)
     _write_policy(result, folder)
-    log(f"calibration: policy and report written to {folder}")
+    log(f"calibration: policy, report and the sample's trace written to {folder}")
     return Calibration(result.policy, folder, result, sample_rows, seen)
+
+
+def refit_policy(trace_folder: str, folder: str, epsilon: float, delta: float, promise: str, seed: int = 0,
+                 command: str = "", log=print):
+    """jobs/calibrate.py --refit: fit and test a policy again from the trace an earlier calibration
+    wrote in `trace_folder`, with another epsilon/delta/promise, into `folder` (no model, no Ray).
+    Returns the calibrate.CalibrationResult."""
+    saved = load_trace(trace_folder)
+    if promise == "accuracy" and not (saved.gold >= 0).any():
+        raise JobError(f"--promise accuracy needs gold labels, and the trace in {trace_folder} has none: "
+                       "calibrate again with --label-column, or use --promise agreement")
+    saved.provenance.update(refit_from=trace_folder, created_by=command or saved.provenance.get("created_by"))
+    result = _fit(saved, epsilon, delta, promise, seed, log)
+    _write_policy(result, folder)
+    log(f"refit: policy and report written to {folder}")
+    return result
+
+
+def _fit(saved: SavedTrace, epsilon: float, delta: float, promise: str, seed: int, log):
+    """The one fit (calibrate.calibrate) of a traced sample, for a fresh calibration and a refit alike."""
+    from adainfer_ray import calibrate as cal
+
+    gold = saved.gold if (saved.gold >= 0).any() else None
+    return cal.calibrate(saved.trace, saved.dims, saved.prefix_tokens, saved.num_labels, epsilon=epsilon,
+                         delta=delta, seed=seed, gold=gold, groups=saved.groups, promise=promise,
+                         provenance=saved.provenance, log=lambda m: log("  " + m))
 
 
 def _collect_traces(traced, plan: Plan):
     """The traced sample back on the driver: (its output rows, trace {key: [n, L] / [n, L, D] / [n]},
     gold [n] label indices (-1: none), groups [n])."""
+    keys = trace_features(_trace_modes()) + ("item_tokens",)  # the columns the tracing actors emit
     outputs, parts = [], []
     for batch in traced.iter_batches(batch_format="pyarrow", batch_size=None):
         outputs.append(batch.select(OUTPUT_SCHEMA.names))
@@ -95,17 +120,23 @@ def _collect_traces(traced, plan: Plan):
         parts.append({"gold": np.array(batch.column("gold_label").to_pylist(), dtype=object)[keep],
                       "group": np.array(batch.column("group").to_pylist(), dtype=object)[keep],
                       **{k: _trace_column(batch.column("trace_" + k).filter(pa.array(keep)), plan.num_layers)
-                         for k in TRACE_KEYS}})
+                         for k in keys}})
     sample_rows = pa.concat_tables(outputs) if outputs else OUTPUT_SCHEMA.empty_table()
-    trace = {k: np.concatenate([p[k] for p in parts]) for k in TRACE_KEYS} if parts else {}
+    trace = {k: np.concatenate([p[k] for p in parts]) for k in keys} if parts else {}
     if not trace or not len(trace["item_tokens"]):
         raise JobError("the calibration sample holds no row that could be labeled: check --input and --text-column")
-    for key in ("vocab_label", "label_label", "item_tokens"):
+    for key in {"vocab_label", "label_label", "item_tokens"} & set(trace):
         trace[key] = trace[key].astype(np.int64)
     trace["final_label"] = trace["label_label"][:, -1]
     labels = {name: i for i, name in enumerate(plan.task.labels)}
     gold = np.array([labels.get(g, -1) for p in parts for g in p["gold"]])
     return sample_rows, trace, gold, np.concatenate([p["group"] for p in parts])
+
+
+def _trace_modes():
+    from adainfer_ray.calibrate import trace_modes
+
+    return trace_modes()
 
 
 def _provenance(cfg: JobConfig, plan: Plan, ray, res: Resources, seen: int, command: str, run_state) -> dict:

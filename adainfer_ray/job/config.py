@@ -8,6 +8,7 @@ from pathlib import Path
 
 from adainfer_ray import io
 
+PROMISES = ("agreement", "accuracy")  # what --epsilon bounds (calibrate.calibrate's promise)
 EMBEDDED_CORPUS = Path(__file__).parent.parent / "data" / "reviews.jsonl"
 
 
@@ -40,6 +41,7 @@ class JobConfig:
     calibrate: int = 0  # > 0: calibrate a policy on this many rows of the input first
     epsilon: float = 0.01
     delta: float = 0.05
+    promise: str = "agreement"  # what epsilon bounds: "agreement" with full depth, or "accuracy" lost (gold labels)
     audit_fraction: float = 0.01
     audit_rows: int = 300  # at least this many rows audited (all of a smaller corpus)
     on_drift: str = "full"  # once the online audit shows the promise broken: full, stop or warn
@@ -97,7 +99,11 @@ def check_input(cfg: JobConfig) -> CheckedInput:
               (cfg.limit is None or cfg.limit >= 0, "--limit must be at least 0"),
               (cfg.calibrate >= 0, "--calibrate takes a number of rows (e.g. 2000)"),
               (0 < cfg.epsilon < 1 and 0 < cfg.delta < 1, "--epsilon and --delta must be between 0 and 1"),
-              (cfg.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}")]
+              (cfg.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}"),
+              (cfg.promise in PROMISES, f"--promise must be one of {', '.join(PROMISES)}"),
+              # an accuracy promise is calibrated on gold labels: without them there is nothing to measure
+              (not (cfg.calibrate and cfg.promise == "accuracy" and not cfg.label_column),
+               "--promise accuracy calibrates on gold labels: give --label-column, or use --promise agreement")]
     for ok, message in checks:
         if not ok:
             raise JobError(message)

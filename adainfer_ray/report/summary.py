@@ -64,6 +64,8 @@ class RunSummary:
         self.policy_rows, self.policy_layers_skipped = 0, 0.0
         self.policy_gold_rows = self.policy_gold_correct = 0
         self.full_gold_rows = self.full_gold_correct = 0  # audited rows with a gold label: accuracy at full depth
+        # ... and on those rows, where exit and full depth differ in being right: the accuracy promise's losses
+        self.audit_gold_exit_only_wrong = self.audit_gold_full_only_wrong = 0
         self.gold_rows = self.gold_correct = self.gold_rows_without_label = 0
         # Label health (report.health): full-depth labels on the audit sample, and gold labels, by name.
         self.full_depth_label_counts, self.gold_label_counts = Counter(), Counter()
@@ -174,10 +176,18 @@ class RunSummary:
         _count_values(self.gold_label_counts, gold, is_valid(gold))
         self.full_gold_rows += compared
         self.full_gold_correct += same
+        self._count_paired_gold(label, full, gold, has_label & ~sample & is_valid(full) & is_valid(gold))
         compared, same = _matches(label, gold, has_label)
         self.gold_rows += compared
         self.gold_correct += same
         self.gold_rows_without_label += int((~has_label & is_valid(gold)).sum())
+
+    def _count_paired_gold(self, label, full, gold, audited_gold: np.ndarray) -> None:
+        """Audited rows with gold: early exit wrong where full depth is right (loss +1), and the reverse (-1)."""
+        exit_right = pc.equal(label, gold).fill_null(False).to_numpy(zero_copy_only=False)
+        full_right = pc.equal(full, gold).fill_null(False).to_numpy(zero_copy_only=False)
+        self.audit_gold_exit_only_wrong += int((audited_gold & ~exit_right & full_right).sum())
+        self.audit_gold_full_only_wrong += int((audited_gold & exit_right & ~full_right).sum())
 
     # --- finalize ---
 
@@ -224,6 +234,8 @@ class RunSummary:
             "full_depth_gold_accuracy": proportion(self.full_gold_correct, self.full_gold_rows),
             "full_depth_label_counts": dict(self.full_depth_label_counts.most_common()),
             "gold_label_counts": dict(self.gold_label_counts.most_common()),
+            "audit_gold": {"rows": self.full_gold_rows, "exit_only_wrong": self.audit_gold_exit_only_wrong,
+                           "full_only_wrong": self.audit_gold_full_only_wrong},
             "gold_accuracy": {**proportion(self.gold_correct, self.gold_rows),
                               "rows_without_label": self.gold_rows_without_label},
         }

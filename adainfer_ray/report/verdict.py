@@ -4,25 +4,25 @@ and the end-of-run summary `jobs/classify.py` prints (`job_summary`). The one ow
 
 from __future__ import annotations
 
+import numpy as np
+
 from adainfer_ray.report.health import distribution_text
 from adainfer_ray.report.text import fmt_n, fmt_num, fmt_pct, fmt_proportion
 from adainfer_ray.schema import SIDECAR_NAME
-from adainfer_ray.stats import lower_bound, ratio, rows_to_confirm
+from adainfer_ray.stats import betting_pvalue, lower_bound, ratio, rows_to_confirm
 
-
-def promise_text(promise: dict) -> str:
-    """A policy's promise in one sentence (the job's summary and --plan)."""
-    return (f"Early exit skips about {fmt_pct(promise.get('layers_skipped'))} of the model's layers, and with "
-            f"{fmt_pct(1 - promise['delta'], 0)} confidence it changes at most {fmt_pct(promise['epsilon'])} of the "
-            f"labels that the full model would give (calibrated on {fmt_n(promise['calibration_size'])} rows).")
+CONFIDENCE = 0.95  # of the audit's bounds
 
 
 def run_verdict(summary: dict, promise: dict | None) -> dict:
     """What this run's audit says about the policy's promise, in words a manager can act on.
 
-    The audit is a seeded uniform sample run on to full depth. Its disagreements give a one-sided
-    95% upper bound (exact binomial) on the share of labels early exit changed in this corpus;
-    when that bound is above the promised epsilon, the run says so and how to fix it."""
+    The audit is a seeded uniform sample run on to full depth. Under an agreement promise its
+    disagreements give a one-sided 95% upper bound (exact binomial) on the share of labels early
+    exit changed in this corpus. Under an accuracy promise, the audited rows with gold labels give
+    a 95% upper bound on the accuracy early exit lost (betting test, as calibration's); without
+    gold labels the run reports agreement and says it cannot check accuracy. When the bound is
+    above the promised epsilon, the run says so and how to fix it."""
     audited = summary["audit_agreement"]["rows"]
     disagreed = audited - summary["audit_agreement"]["successes"]
     bound = summary.get("audit_disagreement_bound95")
@@ -30,29 +30,19 @@ def run_verdict(summary: dict, promise: dict | None) -> dict:
            "observed": ratio(disagreed, audited), "bound95": bound, "epsilon": None, "ok": None, "message": None}
     if not promise:
         return out
-    eps = promise["epsilon"]
-    out["epsilon"] = eps
-    out["promise"] = promise_text(promise)
+    kind = promise.get("promise", "agreement")
+    out.update(epsilon=promise["epsilon"], promise_kind=kind, promise=promise_text(promise))
     if not audited:
         out["message"] = ("No row was audited (--audit-fraction 0 turns the audit off), so this run cannot check "
                           "the promise")
-    elif bound <= eps:
-        out["ok"] = True
-        out["message"] = (f"Promise confirmed by the audit: {fmt_n(disagreed)} of {fmt_n(audited)} audited labels "
-                          f"changed, at most {fmt_pct(bound)} at 95% confidence")
-    elif lower_bound(disagreed, audited) > eps:
-        out["ok"] = False
-        out["message"] = (f"WARNING: early exit changed {fmt_n(disagreed)} of {fmt_n(audited)} audited labels "
-                          f"({fmt_pct(out['observed'])}; at least {fmt_pct(lower_bound(disagreed, audited))} at 95% "
-                          f"confidence), more than the promised {fmt_pct(eps)}: this corpus differs from the "
-                          "calibration data. Recalibrate on it with --calibrate N (e.g. 2000), or use --policy full")
+    elif kind == "accuracy" and (summary.get("audit_gold") or {}).get("rows"):
+        out.update(_accuracy_verdict(summary["audit_gold"], promise["epsilon"]))
     else:
-        out["ok"] = False
-        out["message"] = (f"The audit cannot confirm the promise on this corpus: {fmt_n(disagreed)} of {fmt_n(audited)} "
-                          f"audited labels changed ({fmt_pct(out['observed'])}), which allows up to {fmt_pct(bound)} at 95% "
-                          f"confidence (above {fmt_pct(eps)}). To be sure, recalibrate on this corpus with "
-                          f"--calibrate N, or audit more rows (--audit-rows; at least {fmt_n(rows_to_confirm(eps))} "
-                          "even with no change)")
+        out.update(_agreement_verdict(disagreed, audited, bound, promise["epsilon"]))
+        if kind == "accuracy":  # nothing to check accuracy against: say what was checked instead
+            out["ok"] = None
+            out["message"] = ("The audited rows carry no gold labels, so this run cannot check the accuracy promise "
+                              "(give --label-column); agreement with full depth instead: " + out["message"])
     return out
 
 
@@ -71,6 +61,69 @@ def drift_sentence(drift: dict | None, on_drift: str | None = None) -> str | Non
             f"{fmt_pct(drift['epsilon'])}); the run {did}. {fmt_n(drift['rows_labeled_before'])} rows were labeled "
             f"before; rows with after_drift = true came after.{cannot} To label this corpus early, recalibrate "
             f"on it: --calibrate N.")
+
+
+def promise_text(promise: dict) -> str:
+    """A policy's promise in one sentence (the job's summary, the verdict and --plan)."""
+    eps, skipped = promise["epsilon"], promise.get("layers_skipped")
+    if promise.get("promise") == "accuracy":
+        what = f"it loses at most {fmt_pct(eps)} accuracy against the full model's (on gold labels)"
+    else:
+        what = f"it changes at most {fmt_pct(eps)} of the labels that the full model would give"
+    return (f"Early exit skips about {fmt_pct(skipped)} of the model's layers, and with "
+            f"{fmt_pct(1 - promise['delta'], 0)} confidence {what} "
+            f"(calibrated on {fmt_n(promise['calibration_size'])} rows).")
+
+
+def _agreement_verdict(disagreed: int, audited: int, bound: float, eps: float) -> dict:
+    if bound <= eps:
+        return {"ok": True, "message": (f"Promise confirmed by the audit: {fmt_n(disagreed)} of {fmt_n(audited)} "
+                                        f"audited labels changed, at most {fmt_pct(bound)} at 95% confidence")}
+    if lower_bound(disagreed, audited) > eps:
+        return {"ok": False, "message": (
+            f"WARNING: early exit changed {fmt_n(disagreed)} of {fmt_n(audited)} audited labels "
+            f"({fmt_pct(ratio(disagreed, audited))}; at least {fmt_pct(lower_bound(disagreed, audited))} at 95% "
+            f"confidence), more than the promised {fmt_pct(eps)}: this corpus differs from the "
+            "calibration data. Recalibrate on it with --calibrate N (e.g. 2000), or use --policy full")}
+    return {"ok": False, "message": (
+        f"The audit cannot confirm the promise on this corpus: {fmt_n(disagreed)} of {fmt_n(audited)} "
+        f"audited labels changed ({fmt_pct(ratio(disagreed, audited))}), which allows up to {fmt_pct(bound)} at 95% "
+        f"confidence (above {fmt_pct(eps)}). To be sure, recalibrate on this corpus with "
+        f"--calibrate N, or audit more rows (--audit-rows; at least {fmt_n(rows_to_confirm(eps))} "
+        "even with no change)")}
+
+
+def paired_losses(audit_gold: dict) -> np.ndarray:
+    """[n] the accuracy promise's losses on audited rows with gold: +1 where only early exit is
+    wrong, -1 where only full depth is, 0 elsewhere (the betting test is order-free given its seed)."""
+    n, worse, better = audit_gold["rows"], audit_gold["exit_only_wrong"], audit_gold["full_only_wrong"]
+    return np.concatenate([np.ones(worse), -np.ones(better), np.zeros(n - worse - better)])
+
+
+def accuracy_loss_bound(losses: np.ndarray, confidence: float = CONFIDENCE, tol: float = 1e-4) -> float:
+    """The smallest loss level the betting test (stats.betting_pvalue) rejects "loss >= level" at
+    1-confidence: a one-sided upper confidence bound on the accuracy lost (test inversion; the
+    p-value falls as the level rises, so bisection finds it; never below 0)."""
+    lo, hi = 0.0, 1.0  # a bound below 0 would say nothing more to the promise
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if betting_pvalue(losses, mid)[0] <= 1 - confidence else (mid, hi)
+    return hi
+
+
+def _accuracy_verdict(audit_gold: dict, eps: float) -> dict:
+    losses = paired_losses(audit_gold)
+    n, lost = len(losses), float(losses.mean())
+    bound = accuracy_loss_bound(losses)
+    said = (f"on {fmt_n(n)} audited rows with gold labels, early exit is {fmt_pct(lost)} less accurate than full "
+            f"depth ({fmt_n(audit_gold['exit_only_wrong'])} rows wrong only at the exit, "
+            f"{fmt_n(audit_gold['full_only_wrong'])} only at full depth), at most {fmt_pct(bound)} at 95% confidence")
+    out = {"accuracy_rows": n, "accuracy_lost": lost, "accuracy_lost_bound95": bound}
+    if bound <= eps:
+        return {**out, "ok": True, "message": "Accuracy promise confirmed by the audit: " + said}
+    return {**out, "ok": False, "message": (
+        f"The audit cannot confirm the accuracy promise ({fmt_pct(eps)}) on this corpus: {said}. To be sure, "
+        "audit more rows with gold labels (--audit-rows), or recalibrate on this corpus with --calibrate N")}
 
 
 def job_summary(record: dict) -> str:
