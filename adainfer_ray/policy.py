@@ -274,7 +274,7 @@ def resolve_policy(spec: str, model_id: str, task_name: str, promise: str = "agr
     if spec == "default":
         folder = SHIPPED_POLICIES / shipped_policy_name(model_id, task_name, promise)
         if not (folder / POLICY_JSON).exists():
-            which = "an accuracy-promise exit policy" if promise == "accuracy" else "an exit policy"
+            which = "accuracy-promise exit policy" if promise == "accuracy" else "exit policy"
             raise PolicyError(f"no {which} ships for model {model_id!r} and task {task_name!r}: "
                               "pass --calibrate N to calibrate one on N rows of this corpus inside the run"
                               + (", --promise agreement," if promise == "accuracy" else "")
