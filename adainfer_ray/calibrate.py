@@ -42,6 +42,7 @@ synthetic traces.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -101,6 +102,7 @@ def test_pvalues(losses: np.ndarray, promise: str, epsilon: float, seed: int) ->
     return betting_pvalue(losses.T, epsilon, seed=seed)
 
 
+@functools.lru_cache(maxsize=None)  # asked once per candidate rule with the same (n, epsilon, delta)
 def tolerated_rate(n: int, epsilon: float, delta: float) -> float:
     """The largest disagreement share among n items that the binomial test still accepts: where
     Learn-then-Test will land, so the fit part aims its choice of rule there."""
