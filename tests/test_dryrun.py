@@ -36,7 +36,8 @@ def test_plan_predicts_what_a_real_run_of_the_same_rows_measures(ray_connected, 
     assert plan["mean_tokens"] == pytest.approx(run["mean_tokens"], abs=0.5)
     assert plan["truncated_share"] == pytest.approx(run["truncated_rows"] / 60)
     assert plan["audit_rows"] == 0 and plan["audit_s"] == 0
-    assert plan["total_s"] < plan["full_depth_s"] and plan["price"]["total_cost"] < plan["price"]["full_depth_cost"]
+    # On a named device the hours come from FLOPs, not from this machine's clock: early exit costs less.
+    assert plan["price"]["total_cost"] < plan["price"]["full_depth_cost"]
     text = plan_text(plan)
     assert "rows: 60 (a streaming count of every row (exact))" in text
     assert "Review: " in text and text.count("---") == 2  # the prompt, as the model sees it
