@@ -58,7 +58,8 @@ def test_trace_columns_follow_the_modes_and_match_the_engine():
     items = random_items(5, seed=1)
     for modes in [("label", "probe"), ("label",), ("vocab", "label", "probe")]:
         got = engine.trace(items, modes=modes)
-        assert set(trace_features(modes)) == set(got) - {"final_label"}
+        # final_label and final_probs are the row's own answer, which the output row already carries
+        assert set(trace_features(modes)) == set(got) - {"final_label", "final_probs"}
     assert "hidden" not in trace_features(("label",)) and "vocab_top" not in trace_features(("label", "probe"))
 
 
