@@ -450,6 +450,7 @@ def synthetic_chunk(start, n, rng):
         "id": ids,
         "label": pc.if_else(pa.array(error), null_string, labels),
         "label_score": pa.array(rng.random(n).astype(np.float32)),
+        "label_probs": pa.nulls(n, pa.list_(pa.float32())),  # the summary never reads it
         "exit_layer": pa.array(exit_layer.astype(np.int32), mask=error),
         "num_layers": pa.array(np.full(n, NUM_LAYERS, dtype=np.int32)),
         "flops_used": pa.array(flops_full * (1 - compute_saved)),
