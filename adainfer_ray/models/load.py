@@ -3,6 +3,7 @@ weights) to a family (`layers.family_of`), on a device and in a dtype."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -71,6 +72,20 @@ def wrap_model(model, tokenizer, model_id: str = "custom", model_hash: str = "")
     return family_of(cfg.model_type)(model.eval(), tokenizer, model_id, model_hash)
 
 
+@contextlib.contextmanager
+def quiet_weight_loading():
+    """transformers' per-file progress bars off while weights load, as they were afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(name_or_uri: str | None = None, device: str | None = None, dtype: str = "auto",
                trust_remote_code: bool = False) -> DecoderLM:
     """Load `name_or_uri` (default: the embedded SmolLM2-135M-Instruct) ready for layer-by-layer runs.
@@ -80,7 +95,8 @@ def load_model(name_or_uri: str | None = None, device: str | None = None, dtype:
     dev, torch_dtype = pick_device(device, dtype)  # a bad --dtype fails before any file is read
     model_dir = resolve_model_dir(name_or_uri)
     config = check_model_dir(model_dir, trust_remote_code)  # a clear error before any weights load
-    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch_dtype,
-                                                 trust_remote_code=trust_remote_code)
+    with quiet_weight_loading():  # one "Loading weights" bar per actor is noise in a job's log
+        model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch_dtype,
+                                                     trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     return wrap_model(model.to(dev), tokenizer, model_id(name_or_uri), model_fingerprint(model_dir))
