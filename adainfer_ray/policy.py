@@ -266,7 +266,7 @@ def shipped_policy_name(model_id: str, task_name: str, promise: str = "agreement
     return f"{model_id}-{task_name}" + ("-accuracy" if promise == "accuracy" else "")
 
 
-def resolve_policy(spec: str, model_id: str, task_name: str, promise: str = "agreement") -> ExitPolicy:
+def find_policy(spec: str, model_id: str, task_name: str, promise: str = "agreement") -> ExitPolicy:
     """The one place a --policy value becomes a policy: `full`, `default` (shipped for the default
     model and the built-in tasks, under `promise`), or a folder / fsspec URI written by calibration."""
     if spec == "full":

@@ -15,7 +15,7 @@ from adainfer_ray.engine import EarlyExitEngine
 from adainfer_ray.flops import ModelDims
 from adainfer_ray.job.actor import trace_features
 from adainfer_ray.job.trace_file import SavedTrace, load_trace, save_trace
-from adainfer_ray.policy import ExitPolicy, PolicyError, resolve_policy
+from adainfer_ray.policy import ExitPolicy, PolicyError, find_policy
 from adainfer_ray.report.verdict import accuracy_loss_bound, paired_losses, run_verdict
 from conftest import build_tiny, random_items
 
@@ -121,11 +121,11 @@ def test_refit_without_a_trace_or_without_gold_says_so_in_one_line(saved_trace, 
 
 
 def test_default_policy_follows_the_promise():
-    agreement = resolve_policy("default", "smollm2-135m", "sentiment")
-    accuracy = resolve_policy("default", "smollm2-135m", "sentiment", "accuracy")
+    agreement = find_policy("default", "smollm2-135m", "sentiment")
+    accuracy = find_policy("default", "smollm2-135m", "sentiment", "accuracy")
     assert agreement.promise["promise"] == "agreement" and accuracy.promise["promise"] == "accuracy"
     with pytest.raises(PolicyError, match="accuracy-promise"):
-        resolve_policy("default", "smollm2-135m", "topic", "accuracy")
+        find_policy("default", "smollm2-135m", "topic", "accuracy")
 
 
 def test_the_package_ships_every_policy_but_not_traces():

@@ -1,6 +1,6 @@
 """What every setting runs on (`Workload`): one model, one exit policy, the same token ids.
 
-The policy comes the way the job takes it (`job.plan.resolve_policy`: `policy.resolve_policy`,
+The policy comes the way the job takes it (`job.plan.checked_policy`: `policy.find_policy`,
 then checked against these weights and this prompt), or, with `--policy fit`, from the one
 fitting path, `calibrate.calibrate`, on full-depth engine traces of `--fit-data`.
 """
@@ -60,7 +60,7 @@ def fit_policy(lm, encoder: PromptEncoder, texts: list[str], gold: np.ndarray, c
     return result.policy
 
 
-def resolve_policy(spec: str, lm, encoder: PromptEncoder, cfg: BenchmarkConfig, log=print) -> tuple[ExitPolicy, str]:
+def benchmark_policy(spec: str, lm, encoder: PromptEncoder, cfg: BenchmarkConfig, log=print) -> tuple[ExitPolicy, str]:
     """`fit` -> calibrated now on --fit-data and saved under --out; anything else (`default`, a
     policy folder) -> the job's own resolution. A full-depth policy is refused: nothing to measure."""
     if spec == "fit":
@@ -72,9 +72,9 @@ def resolve_policy(spec: str, lm, encoder: PromptEncoder, cfg: BenchmarkConfig, 
         policy.save(folder)
         how = "" if not policy.never_exits else " (no threshold could be guaranteed on so few items: full depth)"
         return policy, f"calibrated on {len(texts)} items of {cfg.fit_data}{how}, saved to {folder}"
-    from adainfer_ray.job.plan import resolve_policy as job_policy
+    from adainfer_ray.job.plan import checked_policy
 
-    policy = job_policy(spec, encoder.task, lm.model_id, lm.model_hash, lm.num_layers)
+    policy = checked_policy(spec, encoder.task, lm.model_id, lm.model_hash, lm.num_layers)
     if policy.never_exits:
         raise PolicyError(f"{spec} is a full-depth policy: the benchmark needs one that exits early")
     return policy, str(spec)
@@ -103,6 +103,6 @@ def load_workload(cfg: BenchmarkConfig, device: torch.device, log) -> Workload:
     encoder = PromptEncoder(task, lm.tokenizer, lm.max_context)
     texts, gold = read_labeled(cfg.data, cfg.text_column, cfg.label_column, cfg.limit, task.labels)
     enc = encoder.encode(texts)
-    policy, source = resolve_policy(cfg.policy, lm, encoder, cfg, log)
+    policy, source = benchmark_policy(cfg.policy, lm, encoder, cfg, log)
     return Workload(lm, enc.item_ids, enc.prefix_ids, encoder.label_token_ids, gold, policy, source,
                     {"path": cfg.data, "task": task.name})

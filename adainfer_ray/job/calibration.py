@@ -17,7 +17,7 @@ from adainfer_ray.job.actor import trace_features
 from adainfer_ray.job.cluster import Resources, map_classifier
 from adainfer_ray.job.config import JobConfig, JobError
 from adainfer_ray.job.dataset import read_dataset
-from adainfer_ray.job.plan import Plan, resolve_policy, run_precision
+from adainfer_ray.job.plan import Plan, checked_policy, run_precision
 from adainfer_ray.job.sampling import calibration_keys
 from adainfer_ray.job.trace_file import SavedTrace, load_trace, save_trace
 from adainfer_ray.schema import OUTPUT_SCHEMA
@@ -189,7 +189,7 @@ def calibrate_or_reuse(cfg: JobConfig, plan: Plan, ray, res: Resources, previous
         raise resume.ResumeError(f"--output {cfg.output} holds labels made without --calibrate: pick another "
                                  "--output, or pass --overwrite to replace them")
     if calibrated:
-        policy = resolve_policy(folder, plan.task, plan.model_id, plan.model_hash, plan.num_layers)
+        policy = checked_policy(folder, plan.task, plan.model_id, plan.model_hash, plan.num_layers)
         log(f"resuming: reusing the policy calibrated by the earlier run in {folder}")
         return Calibration(policy, folder, None, None, int(policy.metadata.get("rows_in_input") or 0) or None)
     calibration = calibrate_policy(cfg, plan, ray, res, folder, cfg.calibrate, log, run_state=state)

@@ -32,11 +32,11 @@ def build_task(cfg: JobConfig):
         raise JobError(str(e)) from e
 
 
-def resolve_policy(spec: str, task, model_id: str, model_hash: str, num_layers: int, promise: str = "agreement"):
+def checked_policy(spec: str, task, model_id: str, model_hash: str, num_layers: int, promise: str = "agreement"):
     """--policy (`default`, `full`, or a folder / URI from calibration) as an ExitPolicy, checked
     against these weights and this prompt: every policy the job uses comes through here. `default`
     is the shipped policy made under `promise` (--promise)."""
-    from adainfer_ray.policy import resolve_policy as find_policy
+    from adainfer_ray.policy import find_policy
 
     policy = find_policy(spec, model_id, task.name, promise)
     policy.check_compatible(model_hash, task.fingerprint(), num_layers)
@@ -83,7 +83,7 @@ def plan_labeling(cfg: JobConfig, policy_spec: str | None = None) -> Labeling:
         raise JobError(str(e)) from e
     dims = ModelDims.from_config(config)
     model_hash = model_fingerprint(model_dir)
-    policy = resolve_policy(policy_spec or cfg.policy, task, model_id(cfg.model), model_hash, dims.layers,
+    policy = checked_policy(policy_spec or cfg.policy, task, model_id(cfg.model), model_hash, dims.layers,
                             cfg.promise)
     return Labeling(task=task, policy=policy, model_id=model_id(cfg.model), model_hash=model_hash,
                     num_layers=dims.layers, dims=dims, prefix_tokens=len(encoder.prefix_ids))
