@@ -73,10 +73,20 @@ def done_ids(output: str, log=print) -> np.ndarray:
             _set_aside(fs, root, path, e, log)
             continue
         if foreign:
-            raise ResumeError(f"output {output} holds {path}, which is not this job's output: "
-                              "pick an empty --output folder (or the folder of the run to resume)")
+            raise ResumeError(foreign_output_message(output, path, pf.schema_arrow.names))
         keys.append(id_keys(ids))
     return np.sort(np.concatenate(keys)) if keys else np.zeros(0, "S16")
+
+
+def foreign_output_message(output: str, path: str, names: list[str]) -> str:
+    """Why a file in --output cannot be resumed: another program's, or an older version of this job's
+    (it lacks columns added since; a run mixing the two would write files of two schemas)."""
+    lacks = [n for n in OUTPUT_SCHEMA.names if n not in names]
+    if lacks and set(names) < set(OUTPUT_SCHEMA.names):
+        return (f"output {output} holds {path}, written by an older version of this job (it lacks the columns "
+                f"{', '.join(lacks)}): finish that run with the version that started it, or pick an empty --output")
+    return (f"output {output} holds {path}, which is not this job's output: "
+            "pick an empty --output folder (or the folder of the run to resume)")
 
 
 def _set_aside(fs, root: str, path: str, error: Exception, log) -> None:

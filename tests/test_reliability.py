@@ -33,7 +33,7 @@ import pytest
 
 from adainfer_ray import io
 from adainfer_ray.job import JobConfig, run_classify
-from adainfer_ray.policy import resolve_policy
+from adainfer_ray.policy import find_policy
 from adainfer_ray.resume import ResumeError, done_ids, drop_done
 from adainfer_ray.schema import OUTPUT_SCHEMA, SIDECAR_NAME
 from conftest import review_texts, save_tiny_llama
@@ -634,6 +634,12 @@ def test_the_done_filter_is_exact_and_refuses_foreign_files(ray_connected, tmp_p
     with pytest.raises(ResumeError, match="not this job's output"):
         done_ids(str(out))
     assert (out / "someone-elses.parquet").exists()  # never deleted: only files cut short are
+    (out / "someone-elses.parquet").unlink()
+
+    older = [f for f in OUTPUT_SCHEMA if f.name not in ("label_probs", "after_drift")]  # before those columns
+    pq.write_table(pa.table({f.name: pa.nulls(1, f.type) for f in older}), out / "older.parquet")
+    with pytest.raises(ResumeError, match="older version of this job .*label_probs, after_drift"):
+        done_ids(str(out))
 
 
 # -- untrusted files ---------------------------------------------------------------------------------
@@ -649,7 +655,7 @@ def test_policy_artifacts_load_without_unpickling_anything(tiny_policy_dir, monk
 
     for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
         monkeypatch.setattr(module, name, refuse)
-    policy = resolve_policy(str(tiny_policy_dir), "tiny", SENTIMENT.name)
+    policy = find_policy(str(tiny_policy_dir), "tiny", SENTIMENT.name)
     assert policy.metadata["task"] == "sentiment" and policy.decision_function(np.zeros((1, 3))).shape == (1,)
 
 
