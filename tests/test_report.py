@@ -554,9 +554,11 @@ def test_multi_million_row_output_is_summarised_in_bounded_memory(tmp_path):
 def test_the_report_says_when_and_why_the_run_acted_on_its_audit(tmp_path):
     run_dir, out = tmp_path / "run", tmp_path / "report"
     run_dir.mkdir()
-    rows = [dict(id=f"r{i}", label="positive", label_score=0.9, exit_layer=3, num_layers=4, flops_used=1.0,
-                 flops_full=2.0, compute_saved=0.5, exit_saved=0.4, prefix_saved=0.1, num_tokens=10, truncated=False,
-                 full_label="negative", gold_label=None, calibration=False, after_drift=i >= 6, error=None)
+    # Six rows exited early and disagree with full depth; the four after the drift ran at full depth.
+    rows = [dict(id=f"r{i}", label="negative" if i >= 6 else "positive", label_score=0.9, exit_layer=4 if i >= 6 else 3,
+                 num_layers=4, flops_used=1.0, flops_full=2.0, compute_saved=0.5, exit_saved=0.4, prefix_saved=0.1,
+                 num_tokens=10, truncated=False, full_label="negative", gold_label=None, calibration=False,
+                 after_drift=i >= 6, error=None)
             for i in range(10)]
     pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), run_dir / "a.parquet")
     drift = {"at_s": 12.3, "at": "2026-12-02T00:00:00+00:00", "audited": 6, "lower_bound": 0.4, "alpha": 0.05,
@@ -568,6 +570,9 @@ def test_the_report_says_when_and_why_the_run_acted_on_its_audit(tmp_path):
     assert "## The run acted on its audit" in md and "12 s into the run" in md and "at least 40.0%" in md
     assert "labeled every later row at full depth" in md and "6 rows were labeled before" in md
     assert "checked agreement, not accuracy" in md  # an accuracy promise without gold labels
+    # The audit measures the policy: rows after the drift (full depth, so agreeing) are not counted.
+    audit = json.loads((out / "summary.json").read_text())["run"]["audit_agreement"]
+    assert (audit["successes"], audit["rows"]) == (0, 6)
 
 
 # --- Label health ------------------------------------------------------------------------------

@@ -167,16 +167,20 @@ class RunSummary:
         self.policy_gold_rows += compared
         self.policy_gold_correct += same
         full = column(batch, "full_label")
-        compared, same = _matches(label, full, has_label & ~sample)
+        # Rows labeled after the online audit stopped early exit (--on-drift full) ran at full depth
+        # too: like the sample, they would only dilute what the audit measures of the policy.
+        after_drift = column(batch, "after_drift").fill_null(False).to_numpy(zero_copy_only=False)
+        early = has_label & ~sample & ~after_drift
+        compared, same = _matches(label, full, early)
         self.audit_rows += compared
         self.audit_agreeing += same
         gold = column(batch, "gold_label")
-        compared, same = _matches(full, gold, has_label & ~sample & is_valid(full))
+        compared, same = _matches(full, gold, early & is_valid(full))
         _count_values(self.full_depth_label_counts, full, has_label & ~sample & is_valid(full))
         _count_values(self.gold_label_counts, gold, is_valid(gold))
         self.full_gold_rows += compared
         self.full_gold_correct += same
-        self._count_paired_gold(label, full, gold, has_label & ~sample & is_valid(full) & is_valid(gold))
+        self._count_paired_gold(label, full, gold, early & is_valid(full) & is_valid(gold))
         compared, same = _matches(label, gold, has_label)
         self.gold_rows += compared
         self.gold_correct += same
