@@ -24,7 +24,8 @@ How (Angelopoulos, Bates et al., "Learn then Test", 2021):
    at delta / 3 and chose among them on the test part).
 4. Test, on the test part only, the chosen rule's thresholds from the most conservative to the
    least, with a valid p-value per threshold for H_t "the promise fails at t": the exact binomial
-   test for agreement, a betting p-value (Waudby-Smith & Ramdas) for accuracy's signed loss.
+   test for agreement, the exact test of discordant pairs for accuracy's signed loss (see
+   stats.paired_pvalue).
    Each threshold is accepted while p <= delta, and testing stops at the first failure
    (fixed-sequence testing controls the family-wise error at delta with no correction for the
    number of thresholds). The last accepted threshold is the result; if the first one already
@@ -52,7 +53,7 @@ from adainfer_ray.features import DEFAULT_CANDIDATE_MODES, FEATURE_MODES, Linear
 from adainfer_ray.flops import ModelDims, item_flops
 from adainfer_ray.policy import ExitPolicy
 from adainfer_ray.rules import SCORES, candidate_rules, candidate_thresholds, decision_values
-from adainfer_ray.stats import betting_pvalue, binomial_pvalue, fixed_sequence, largest_accepted_count
+from adainfer_ray.stats import NUISANCE_SHARE, binomial_pvalue, fixed_sequence, largest_accepted_count, paired_pvalue
 
 DEFAULT_EPSILON, DEFAULT_DELTA = 0.01, 0.05
 PROMISES = ("agreement", "accuracy")
@@ -95,11 +96,13 @@ def learn_then_test(losses, n: int, epsilon: float, delta: float) -> tuple[int |
     return fixed_sequence(pvalues, delta), pvalues
 
 
-def test_pvalues(losses: np.ndarray, promise: str, epsilon: float, seed: int) -> np.ndarray:
+def test_pvalues(losses: np.ndarray, promise: str, epsilon: float, delta: float) -> np.ndarray:
     """p-values [K] of "the promise fails at threshold j" from the test part's losses [m, K]."""
+    m = len(losses)
     if promise == "agreement":
-        return np.array([binomial_pvalue(int(k), len(losses), epsilon) for k in losses.sum(0)])
-    return betting_pvalue(losses.T, epsilon, seed=seed)
+        return np.array([binomial_pvalue(int(k), m, epsilon) for k in losses.sum(0)])
+    worse, better = (losses > 0).sum(0), (losses < 0).sum(0)
+    return np.array([paired_pvalue(int(w), int(b), m, epsilon, NUISANCE_SHARE * delta) for w, b in zip(worse, better)])
 
 
 @functools.lru_cache(maxsize=None)  # asked once per candidate rule with the same (n, epsilon, delta)
@@ -109,18 +112,16 @@ def tolerated_rate(n: int, epsilon: float, delta: float) -> float:
     return max(largest_accepted_count(n, epsilon, delta), 0) / n
 
 
-# How far below epsilon, in standard errors of the test part's mean, the betting test lands for
-# accuracy's signed loss (a one-sided normal test would need ~1.64 at delta = 5%; betting, which
-# holds at every n, needs more). Only aims the fit part's choice: validity never depends on it.
-BETTING_MARGIN_SE = 2.3
-
-
 def fit_tolerates(losses_fit: np.ndarray, promise: str, n_test: int, epsilon: float, delta: float) -> np.ndarray:
-    """Which thresholds' fit-part losses [m, K] the test part (n_test items) would likely accept [K]."""
-    mean = losses_fit.mean(0)
+    """Which thresholds' fit-part losses [m, K] the test part (n_test items) would likely accept [K]:
+    the test itself, on the fit part's rates scaled to n_test items. Only aims the choice of rule
+    on the fit part: the guarantee never depends on it."""
     if promise == "agreement":
-        return mean <= tolerated_rate(n_test, epsilon, delta)
-    return mean + BETTING_MARGIN_SE * losses_fit.std(0) / np.sqrt(max(n_test, 1)) <= epsilon
+        return losses_fit.mean(0) <= tolerated_rate(n_test, epsilon, delta)
+    worse = np.rint((losses_fit > 0).mean(0) * n_test).astype(int)
+    better = np.rint((losses_fit < 0).mean(0) * n_test).astype(int)
+    return np.array([paired_pvalue(int(w), int(b), n_test, epsilon, NUISANCE_SHARE * delta) <= delta
+                     for w, b in zip(worse, better)])
 
 
 def item_losses(answers: np.ndarray, final: np.ndarray, gold: np.ndarray | None, promise: str) -> np.ndarray:
@@ -387,7 +388,7 @@ def calibrate(trace: dict, dims: ModelDims, prefix_tokens: int, num_labels: int,
     exits, answers = _outcomes(rule, thresholds, test_idx, labels, top, gap, final)
     sub = test_idx[scored_test]
     losses = item_losses(answers[scored_test], final[sub], gold[sub], promise)  # [n_test, K]
-    pvalues = test_pvalues(losses, promise, epsilon, seed)
+    pvalues = test_pvalues(losses, promise, epsilon, delta)
     accepted = fixed_sequence(pvalues, delta)
     rows = _rows(rule, thresholds, exits, answers, final[test_idx], gold[test_idx], graded[test_idx],
                  used[test_idx], full_reuse[test_idx], losses, pvalues, accepted, L)

@@ -2,9 +2,9 @@
 
 Two losses, two tests. Agreement: the loss is 1[early exit's label != the full model's], a 0/1
 loss, and its exact binomial test (`binomial_pvalue`) is the strongest valid one. Accuracy: the
-loss is 1[early exit wrong] - 1[full depth wrong] in {-1, 0, 1} (gold labels needed), a bounded
-loss that can be negative; `betting_pvalue` tests its mean by testing by betting (Waudby-Smith &
-Ramdas, 2023), whose variance-adaptive bets matter here because most items are concordant (loss 0).
+loss is 1[early exit wrong] - 1[full depth wrong] in {-1, 0, 1} (gold labels needed), a paired
+loss that can be negative; `paired_pvalue` tests its mean exactly from the discordant items
+alone, which matters because most items are concordant (loss 0).
 Every run's audit asks "how high can the risk be, given what this sample shows?" (a one-sided
 upper confidence bound). Reports add a two-sided Wilson interval to every share they
 print (`proportion`). Leaf module: numpy and, when present, scipy.
@@ -12,6 +12,7 @@ print (`proportion`). Leaf module: numpy and, when present, scipy.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -122,52 +123,54 @@ def proportion(successes: int, trials: int) -> dict:
     }
 
 
-# -- a bounded loss in [-1, 1]: testing by betting ------------------------------------------------
+# -- a paired loss in {-1, 0, 1}: the exact discordant-pairs test ------------------------------
 
-# Bets are capped at BET_CAP / (1 - epsilon): a wealth factor 1 + lambda (epsilon - loss) stays
-# >= 1 - BET_CAP > 0 even at loss 1, so one bad item can never wipe the wealth out.
-BET_CAP = 0.75
+# The share of delta spent on bounding the discordance rate (see `paired_pvalue`). Measured by
+# simulation (n = 700 and 4,800, discordance 2-12%): power is flat from delta/20 to delta/5 and
+# best near delta/10.
+NUISANCE_SHARE = 0.1
 
 
-def betting_log_wealth(losses: np.ndarray, epsilon: float, cap: float = BET_CAP) -> np.ndarray:
-    """The log of the bettor's wealth after each item, against H0 "E[loss] >= epsilon": losses
-    [K, n] in [-1, 1] (K candidates, items in the order they are revealed) -> log wealth [K, n]
-    (kept as a log: a long run of concordant items grows the wealth past float range).
+@functools.lru_cache(maxsize=1 << 16)  # calibration asks the same counts for many rules
+def paired_pvalue(worse: int, better: int, n: int, epsilon: float, gamma: float) -> float:
+    """p-value of H0 "p_w - p_b >= epsilon" from n paired items, `worse` of them with loss +1 (early
+    exit wrong, full depth right: probability p_w) and `better` with loss -1 (the reverse: p_b):
+    H0 says early exit loses at least epsilon of accuracy. gamma: the part of the level spent on
+    the discordance rate q = p_w + p_b (a nuisance), e.g. NUISANCE_SHARE * delta.
 
-    K_t = prod_{i<=t} (1 + lambda_i (epsilon - loss_i)). Under H0 each factor has mean <= 1 for any
-    lambda_i >= 0 fixed before item i is seen, so K is a non-negative supermartingale. lambda_i is
-    aGRAPA's (Waudby-Smith & Ramdas, 2023, sec. 5): the running mean of the payoff epsilon - loss
-    over its running second moment (the Kelly bet's second-order approximation), with a weak prior
-    so the first bets are small, clipped to [0, cap / (1 - epsilon)). It bets big only when past
-    items were mostly concordant, which is where a variance-adaptive bet wins over Hoeffding.
+    The exact conditional test of discordant pairs (McNemar's, with a nuisance bound in the manner
+    of Berger & Boos, 1994). Given m = worse + better discordant items, worse ~ Binom(m, pi) with
+    pi = p_w / q, and H0 means pi >= (1 + epsilon / q) / 2. q is unknown: q_hi, the exact upper
+    (1 - gamma) bound on q from m of n, replaces it, so under H0 and q <= q_hi, pi >= pi0 =
+    (1 + epsilon / q_hi) / 2. The p-value is gamma + P(Binom(m, pi0) <= worse): P(p <= a) <= gamma
+    (q above its bound) + (a - gamma) (the binomial test given m) = a, at every level a.
+
+    Only the discordant items carry information, so the test is as sharp as the data allows when
+    most items are concordant (early exit and full depth agree): at n = 4,800, 5% discordance and
+    a true loss of 0.25 points, it accepts an epsilon = 1 point promise in 57% of draws, where
+    the betting test this replaced (Waudby-Smith & Ramdas) accepted it in 22%.
     """
-    x = epsilon - np.atleast_2d(np.asarray(losses, np.float64))  # [K, n] payoffs
-    K, n = x.shape
-    prior_n, prior_m, prior_v = 1.0, 0.0, 1.0  # as if one item with payoff mean 0, second moment 1 had come
-    count = prior_n + np.arange(n)  # items seen before item t (plus the prior)
-    past_sum = np.concatenate([np.zeros((K, 1)), np.cumsum(x, 1)[:, :-1]], 1) + prior_m
-    past_sq = np.concatenate([np.zeros((K, 1)), np.cumsum(x**2, 1)[:, :-1]], 1) + prior_v
-    mean, second = past_sum / count, past_sq / count
-    lam = np.clip(mean / np.maximum(second, 1e-12), 0.0, cap / (1.0 - epsilon))  # predictable: past items only
-    return np.cumsum(np.log1p(lam * x), 1)
+    q_hi = upper_bound(worse + better, n, 1.0 - gamma)
+    if q_hi is None:
+        return 1.0
+    if epsilon >= q_hi:  # a loss of epsilon needs more discordant items than q <= q_hi allows
+        return gamma
+    return min(1.0, gamma + binomial_cdf(worse, worse + better, (1.0 + epsilon / q_hi) / 2.0))
 
 
-def betting_pvalue(losses, epsilon: float, seed: int = 0, cap: float = BET_CAP) -> np.ndarray:
-    """p-values of H0 "E[loss] >= epsilon" for K candidates, losses [K, n] (or [n]) in [-1, 1] on the
-    same n items: min(1, 1 / max_t K_t) (Ville's inequality: P(max_t K_t >= 1/a) <= a under H0).
-
-    The items are revealed in one seeded random order (the same for every candidate): the bound
-    is valid in any order fixed before the losses are seen, and a random one keeps a sorted input
-    (say, by length) from steering the bets.
-    """
-    losses = np.atleast_2d(np.asarray(losses, np.float64))
-    if losses.shape[1] == 0:
-        return np.ones(losses.shape[0])
-    if losses.min() < -1 or losses.max() > 1:
-        raise ValueError("betting_pvalue needs losses in [-1, 1]")
-    order = np.random.default_rng(seed).permutation(losses.shape[1])
-    log_wealth = betting_log_wealth(losses[:, order], epsilon, cap)
-    return np.exp(-np.maximum(log_wealth.max(1), 0.0))  # min(1, 1 / max_t K_t)
+def paired_loss_bound(worse: int, better: int, n: int, confidence: float = 0.95, tol: float = 1e-5) -> float:
+    """One-sided upper confidence bound on the accuracy lost, p_w - p_b (see `paired_pvalue`): the
+    smallest epsilon the test accepts at level 1 - confidence (test inversion; the p-value falls
+    as epsilon rises). Never below 0: a bound under 0 would say nothing more to a promise."""
+    alpha = 1.0 - confidence
+    gamma = NUISANCE_SHARE * alpha
+    lo, hi = 0.0, 1.0
+    if paired_pvalue(worse, better, n, 0.0, gamma) <= alpha:
+        return 0.0
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if paired_pvalue(worse, better, n, mid, gamma) <= alpha else (mid, hi)
+    return hi
 
 
 # -- Learn-then-Test ------------------------------------------------------------------------------

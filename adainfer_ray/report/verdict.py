@@ -4,12 +4,10 @@ and the end-of-run summary `jobs/classify.py` prints (`job_summary`). The one ow
 
 from __future__ import annotations
 
-import numpy as np
-
 from adainfer_ray.report.health import distribution_text
 from adainfer_ray.report.text import fmt_n, fmt_num, fmt_pct, fmt_proportion
 from adainfer_ray.schema import SIDECAR_NAME
-from adainfer_ray.stats import betting_pvalue, lower_bound, ratio, rows_to_confirm
+from adainfer_ray.stats import lower_bound, paired_loss_bound, ratio, rows_to_confirm
 
 CONFIDENCE = 0.95  # of the audit's bounds
 
@@ -20,7 +18,7 @@ def run_verdict(summary: dict, promise: dict | None) -> dict:
     The audit is a seeded uniform sample run on to full depth. Under an agreement promise its
     disagreements give a one-sided 95% upper bound (exact binomial) on the share of labels early
     exit changed in this corpus. Under an accuracy promise, the audited rows with gold labels give
-    a 95% upper bound on the accuracy early exit lost (betting test, as calibration's); without
+    a 95% upper bound on the accuracy early exit lost (the paired test calibration uses); without
     gold labels the run reports agreement and says it cannot check accuracy. When the bound is
     above the promised epsilon, the run says so and how to fix it."""
     audited = summary["audit_agreement"]["rows"]
@@ -93,28 +91,10 @@ def _agreement_verdict(disagreed: int, audited: int, bound: float, eps: float) -
         "even with no change)")}
 
 
-def paired_losses(audit_gold: dict) -> np.ndarray:
-    """[n] the accuracy promise's losses on audited rows with gold: +1 where only early exit is
-    wrong, -1 where only full depth is, 0 elsewhere (the betting test is order-free given its seed)."""
-    n, worse, better = audit_gold["rows"], audit_gold["exit_only_wrong"], audit_gold["full_only_wrong"]
-    return np.concatenate([np.ones(worse), -np.ones(better), np.zeros(n - worse - better)])
-
-
-def accuracy_loss_bound(losses: np.ndarray, confidence: float = CONFIDENCE, tol: float = 1e-4) -> float:
-    """The smallest loss level the betting test (stats.betting_pvalue) rejects "loss >= level" at
-    1-confidence: a one-sided upper confidence bound on the accuracy lost (test inversion; the
-    p-value falls as the level rises, so bisection finds it; never below 0)."""
-    lo, hi = 0.0, 1.0  # a bound below 0 would say nothing more to the promise
-    while hi - lo > tol:
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if betting_pvalue(losses, mid)[0] <= 1 - confidence else (mid, hi)
-    return hi
-
-
 def _accuracy_verdict(audit_gold: dict, eps: float) -> dict:
-    losses = paired_losses(audit_gold)
-    n, lost = len(losses), float(losses.mean())
-    bound = accuracy_loss_bound(losses)
+    n, worse, better = audit_gold["rows"], audit_gold["exit_only_wrong"], audit_gold["full_only_wrong"]
+    lost = (worse - better) / n
+    bound = paired_loss_bound(worse, better, n, CONFIDENCE)
     said = (f"on {fmt_n(n)} audited rows with gold labels, early exit is {fmt_pct(lost)} less accurate than full "
             f"depth ({fmt_n(audit_gold['exit_only_wrong'])} rows wrong only at the exit, "
             f"{fmt_n(audit_gold['full_only_wrong'])} only at full depth), at most {fmt_pct(bound)} at 95% confidence")
