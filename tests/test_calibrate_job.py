@@ -142,6 +142,7 @@ def test_classify_calibrate_labels_every_row_once_and_keeps_the_sample_at_full_d
     assert run["policy"].endswith("_policy") and run["summary"]["calibration_rows"] == 40
     assert run["resumed_rows"] == 0 and run["rows_this_run"] == 90  # the sample is this run's work
     assert run["summary"]["outside_sample"]["rows"] == 50
+    assert any(m.startswith("progress: 40 of 40 rows (100.0%)") for m in logged)  # the trace's own progress
 
     # rerun over the same output: the policy is reused, nothing is labeled again
     logged.clear()

@@ -18,6 +18,7 @@ from adainfer_ray.job.cluster import Resources, map_classifier
 from adainfer_ray.job.config import JobConfig, JobError
 from adainfer_ray.job.dataset import read_dataset
 from adainfer_ray.job.plan import Plan, checked_policy, run_precision
+from adainfer_ray.job.progress import ProgressReporter
 from adainfer_ray.job.sampling import calibration_keys
 from adainfer_ray.job.trace_file import SavedTrace, load_trace, save_trace
 from adainfer_ray.schema import OUTPUT_SCHEMA
@@ -71,7 +72,8 @@ def calibrate_policy(cfg: JobConfig, plan: Plan, ray, res: Resources, folder: st
     sample = ds.map_batches(_in_sample, fn_kwargs={"seed": cfg.seed, "cutoff": cutoff}, batch_format="numpy")
     traced = map_classifier(sample, cfg, plan.task, plan.policy, res, trace=True, run_state=run_state,
                             gold_one_based=plan.gold_one_based, keep_columns=("group",))
-    sample_rows, trace, gold, groups = _collect_traces(traced, plan)
+    with ProgressReporter(run_state, min(size, seen), True, cfg.progress_s, log):  # the trace is the long part
+        sample_rows, trace, gold, groups = _collect_traces(traced, plan)
     log(f"calibration: traced {len(gold)} rows in {time.perf_counter() - started:.0f} s; "
         "fitting and testing exit rules...")
     saved = SavedTrace(trace, gold, groups if cfg.group_column else None, plan.dims, plan.prefix_tokens,
