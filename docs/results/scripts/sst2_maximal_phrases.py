@@ -7,11 +7,15 @@ substring of a longer one (about the treebank's whole sentences), and adds a `gr
 lower-cased text) so exact duplicates also stay on one side of the split (--group-column group).
 
     python docs/results/scripts/sst2_maximal_phrases.py ../shared/data/sst2/train.tsv /tmp/sst2-train-maximal.tsv
+    python docs/results/scripts/sst2_maximal_phrases.py ../shared/data/sst2/train.tsv /tmp/sst2-2000.tsv 2000
+
+The optional third argument keeps a seeded random sample of that many maximal phrases (seed 0).
 
 Reads the data from where it lies and writes outside the project: the data is not ours to copy.
 """
 
 import csv
+import random
 import sys
 from collections import defaultdict
 
@@ -34,11 +38,14 @@ def maximal_phrases(phrases: list[str]) -> list[bool]:
     return keep
 
 
-def main(src: str, dst: str) -> None:
+def main(src: str, dst: str, sample: str | None = None) -> None:
     with open(src, newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     texts = [r["sentence"].strip() for r in rows]
     keep = maximal_phrases(texts)
+    if sample is not None:  # a seeded random subset of the maximal phrases, in their original order
+        chosen = set(random.Random(0).sample([i for i, k in enumerate(keep) if k], int(sample)))
+        keep = [i in chosen for i in range(len(keep))]
     with open(dst, "w", newline="") as f:
         w = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
         w.writerow(["sentence", "label", "group"])
@@ -49,4 +56,4 @@ def main(src: str, dst: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])
