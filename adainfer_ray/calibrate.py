@@ -225,6 +225,23 @@ def mode_features(trace: dict, mode: str, probe_proba: np.ndarray | None = None)
     return trace[f"{mode}_label"], trace[f"{mode}_top"], trace[f"{mode}_gap"]
 
 
+def prior_rule(prior: ExitPolicy | None, trace: dict, log):
+    """The prior as a candidate: an unthresholded copy of a policy calibrated elsewhere for this
+    model and task (its rule and, in probe mode, its probes, kept as they are), and its features on
+    this trace. None when there is no prior, it never exits, or the trace lacks what it reads."""
+    if prior is None or prior.never_exits:
+        return None, None
+    readable = trace.get("hidden") is not None if prior.features == "probe" else f"{prior.features}_label" in trace
+    if not readable or (prior.features == "probe" and prior.probes_ is None):
+        log(f"  prior: skipped (the trace lacks its {prior.features} features)")
+        return None, None
+    rule = with_threshold(prior, 0.0, {"prior_name": (prior.metadata or {}).get("prior_name")})
+    rule.rule_ = f"prior: {(prior.metadata or {}).get('rule') or prior.kernel_}"
+    if prior.features == "probe":
+        return rule, top2(prior.probes_.predict_proba(trace["hidden"]))
+    return rule, mode_features(trace, prior.features)
+
+
 # ----------------------------------------------------------------------------------------------
 # Choosing one rule on the fit part
 
@@ -234,6 +251,7 @@ class Candidate:
     rule: ExitPolicy  # unthresholded
     thresholds: np.ndarray  # [K] from the fit part, most conservative first
     fit_saved: float  # FLOPs saved on the fit part at the loss the test part will likely accept
+    source: str = "fit"  # "fit": learned on the fit part; "prior": learned elsewhere (see `calibrate`)
 
 
 def _decisions(policy, idx, labels, top, gap):
@@ -254,11 +272,38 @@ def _saved(exits, used, full_reuse):
     return (full_reuse[:, None] - np.take_along_axis(used, exits - 1, 1)).sum(0) / full_reuse.sum()
 
 
-def choose_rule(modes, history_options, score, ctx, fit_idx, scored_fit, n_test, num_thresholds, svm, log):
-    """The candidate (mode x history x rule) that saves the most FLOPs on the fit part at the loss
-    the test part will tolerate. ctx: per-mode features and per-exit costs (see `calibrate`).
-    Returns (best Candidate or None, one summary row per mode x history for the report)."""
+def fit_value(rule, features, ctx, fit_idx, scored_fit, n_test, num_thresholds, source="fit") -> Candidate:
+    """One rule on the fit part: its thresholds (fit-part quantiles) and the FLOPs it saves at the
+    loss the test part will likely accept. features: (labels, top, gap) [n, L] as this rule reads them."""
+    labels, top, gap = features
+    used, full_reuse = ctx["costs"](rule.features, rule.first_read_layer)
+    dec = _decisions(rule, fit_idx, labels, top, gap)
+    thresholds = candidate_thresholds(dec, rule.min_layer, num_thresholds)
+    exits, answers = _outcomes(rule, thresholds, fit_idx, labels, top, gap, ctx["final"], dec)
+    saved = _saved(exits, used[fit_idx], full_reuse[fit_idx])
+    sub = fit_idx[scored_fit]
+    losses = item_losses(answers[scored_fit], ctx["final"][sub], ctx["gold"][sub], ctx["promise"])
+    ok = fit_tolerates(losses, ctx["promise"], n_test, ctx["epsilon"], ctx["delta"])
+    return Candidate(rule, thresholds, float(saved[ok].max()) if ok.any() else -np.inf, source)
+
+
+def choose_rule(modes, history_options, score, ctx, fit_idx, scored_fit, n_test, num_thresholds, svm, log,
+                prior=None):
+    """The candidate (mode x history x rule, or the prior rule) that saves the most FLOPs on the fit
+    part at the loss the test part will tolerate. ctx: per-mode features and per-exit costs (see
+    `calibrate`). Returns (best Candidate or None, one summary row per mode x history for the report)."""
     best, table = None, []
+
+    def keep(candidate, mode, history):
+        nonlocal best
+        table.append({"mode": mode, "history": history, "rule": candidate.rule.rule_,
+                      "min_layer": candidate.rule.min_layer,
+                      "fit_flops_saved": candidate.fit_saved if np.isfinite(candidate.fit_saved) else None})
+        log(f"  fit part: {mode:5s}{' + history' if history else '          '} best {candidate.rule.rule_}, "
+            f"min_layer {candidate.rule.min_layer}: saves {max(candidate.fit_saved, 0):.1%} of FLOPs")
+        if best is None or candidate.fit_saved > best.fit_saved:
+            best = candidate
+
     for mode in modes:
         labels, top, gap = ctx["features"][mode]
         agrees = labels == ctx["final"][:, None]  # [n, L]: this layer already answers as the model does
@@ -266,24 +311,13 @@ def choose_rule(modes, history_options, score, ctx, fit_idx, scored_fit, n_test,
             mode_best = None
             for rule in candidate_rules(mode, score, ctx["L"], ctx["min_layers"], history, top[fit_idx],
                                         gap[fit_idx], agrees[fit_idx], labels[fit_idx], svm):
-                used, full_reuse = ctx["costs"](mode, rule.first_read_layer)
-                dec = _decisions(rule, fit_idx, labels, top, gap)
-                thresholds = candidate_thresholds(dec, rule.min_layer, num_thresholds)
-                exits, answers = _outcomes(rule, thresholds, fit_idx, labels, top, gap, ctx["final"], dec)
-                saved = _saved(exits, used[fit_idx], full_reuse[fit_idx])
-                sub = fit_idx[scored_fit]
-                losses = item_losses(answers[scored_fit], ctx["final"][sub], ctx["gold"][sub], ctx["promise"])
-                ok = fit_tolerates(losses, ctx["promise"], n_test, ctx["epsilon"], ctx["delta"])
-                value = float(saved[ok].max()) if ok.any() else -np.inf
-                if mode_best is None or value > mode_best.fit_saved:
-                    mode_best = Candidate(rule, thresholds, value)
-            table.append({"mode": mode, "history": history, "rule": mode_best.rule.rule_,
-                          "min_layer": mode_best.rule.min_layer,
-                          "fit_flops_saved": mode_best.fit_saved if np.isfinite(mode_best.fit_saved) else None})
-            log(f"  fit part: {mode:5s}{' + history' if history else '          '} best {mode_best.rule.rule_}, "
-                f"min_layer {mode_best.rule.min_layer}: saves {max(mode_best.fit_saved, 0):.1%} of FLOPs")
-            if best is None or mode_best.fit_saved > best.fit_saved:
-                best = mode_best
+                candidate = fit_value(rule, ctx["features"][mode], ctx, fit_idx, scored_fit, n_test, num_thresholds)
+                if mode_best is None or candidate.fit_saved > mode_best.fit_saved:
+                    mode_best = candidate
+            keep(mode_best, mode, history)
+    if prior is not None:
+        keep(fit_value(prior, ctx["features"]["prior"], ctx, fit_idx, scored_fit, n_test, num_thresholds, "prior"),
+             "prior", prior.history)
     return best, table
 
 
@@ -321,7 +355,7 @@ def calibrate(trace: dict, dims: ModelDims, prefix_tokens: int, num_labels: int,
               score: str = "auto", min_layers=(1, 4, 8), fit_fraction: float = DEFAULT_FIT_FRACTION, seed: int = 0,
               gold: np.ndarray | None = None, groups=None, num_thresholds: int = 200, probe_C: float = 0.1,
               svm: dict | None = None, provenance: dict | None = None, log=print,
-              promise: str = "agreement", history="auto") -> CalibrationResult:
+              promise: str = "agreement", history="auto", prior: ExitPolicy | None = None) -> CalibrationResult:
     """Choose one exit rule on the fit part, test its thresholds on the test part at the full
     delta, and return the policy that keeps the promise with the most FLOPs saved, with the table.
 
@@ -331,7 +365,11 @@ def calibrate(trace: dict, dims: ModelDims, prefix_tokens: int, num_labels: int,
     list (see `candidate_modes`); score: "linear", "svm", or "auto" (both families);
     promise: "agreement" or "accuracy" (needs gold); history: "auto" (rules with and without
     streak/dtop compete), True or False; provenance: model id/hash, task, template, ... copied
-    into the policy's metadata. See the module docstring for the guarantee.
+    into the policy's metadata; prior: a policy calibrated on other items for the same model and
+    task (e.g. the shipped one), whose rule joins the candidates as it is, re-thresholded here: the
+    fit part alone cannot learn as good a rule from a few hundred items. It must not have been
+    calibrated on these items, or the test part would not be independent of what chose the rule.
+    See the module docstring for the guarantee.
     """
     t0 = time.perf_counter()  # a duration (summary["seconds"])
     modes = candidate_modes(features)
@@ -377,13 +415,15 @@ def calibrate(trace: dict, dims: ModelDims, prefix_tokens: int, num_labels: int,
 
     ctx = {"features": {m: mode_features(trace, m, probe_proba) for m in modes}, "final": final, "gold": gold,
            "L": L, "min_layers": min_layers, "costs": costs, "promise": promise, "epsilon": epsilon, "delta": delta}
+    prior, ctx["features"]["prior"] = prior_rule(prior, trace, log)
     chosen, candidates = choose_rule(modes, history_options, score, ctx, fit_idx, scored_fit, n_test,
-                                     num_thresholds, svm, log)
+                                     num_thresholds, svm, log, prior)
     rule, thresholds, mode = chosen.rule, chosen.thresholds, chosen.rule.features
-    rule.probes_ = probes if mode == "probe" else None
+    if chosen.source == "fit":  # a prior keeps the probes it came with
+        rule.probes_ = probes if mode == "probe" else None
 
     # Test: fixed-sequence testing of the one chosen rule's thresholds on the test part, at delta.
-    labels, top, gap = ctx["features"][mode]
+    labels, top, gap = ctx["features"]["prior" if chosen.source == "prior" else mode]
     used, full_reuse = costs(mode, rule.first_read_layer)
     exits, answers = _outcomes(rule, thresholds, test_idx, labels, top, gap, final)
     sub = test_idx[scored_test]
@@ -404,6 +444,8 @@ def calibrate(trace: dict, dims: ModelDims, prefix_tokens: int, num_labels: int,
         "fit_fraction": fit_fraction, "num_layers": L, "full_depth_accuracy": full_accuracy,
         "gold_items": int(graded[test_idx].sum()), "tolerated_disagreement": target,
         "paper_criterion": _paper_criterion(rows, full_accuracy) if has_gold else None,
+        "prior": None if prior is None else {"name": (prior.metadata or {}).get("prior_name"),
+                                             "chosen": chosen.source == "prior"},
     }
     if accepted is None:
         policy = ExitPolicy.full_depth(L)

@@ -91,6 +91,12 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
                         "that changes from wrong to right pays for one that changes from right to wrong, so it "
                         "skips more layers). Without --calibrate, --policy default picks the shipped policy made "
                         "under this promise")
+    g.add_argument("--prior", default=DEFAULTS.prior, metavar="{default,none,FOLDER}",
+                   help="calibration: a policy calibrated on other rows for this model and prompt whose rule (and "
+                        "probes) joins the candidates, re-thresholded on this sample; the fit part picks it only if "
+                        "it saves more. default: the shipped policy when one matches the model and task (it was "
+                        "calibrated on SST-2 train phrases: pass none if your corpus holds them); none: learn "
+                        "from this sample only; or a policy folder")
     g.add_argument("--seed", type=int, default=DEFAULTS.seed,
                    help="seed of the calibration sample, its fit/test split, and the audit sample")
 
@@ -124,7 +130,8 @@ def config_from_args(a: argparse.Namespace, **extra) -> JobConfig:
         template=unescape(a.template), demos=a.demos, model=a.model, device=a.device, dtype=a.dtype,
         trust_remote_code=a.trust_remote_code, reuse_prefix=not a.no_prefix_reuse,
         max_batch_tokens=a.max_batch_tokens, actors=a.actors, gpus_per_actor=a.gpus_per_actor,
-        batch_size=a.batch_size, epsilon=a.epsilon, delta=a.delta, promise=a.promise, seed=a.seed, limit=a.limit, **extra)
+        batch_size=a.batch_size, epsilon=a.epsilon, delta=a.delta, promise=a.promise, prior=a.prior, seed=a.seed,
+        limit=a.limit, **extra)
 
 
 def run_main(fn, *args) -> int:

@@ -59,7 +59,8 @@ def refit(a, folder: str, command: str) -> int:
         raise JobError("--epsilon and --delta must be between 0 and 1")
     if a.promise not in PROMISES:
         raise JobError(f"--promise must be one of {', '.join(PROMISES)}")
-    result = refit_policy(a.refit, folder, a.epsilon, a.delta, a.promise, seed=a.seed, command=command)
+    result = refit_policy(a.refit, folder, a.epsilon, a.delta, a.promise, seed=a.seed, command=command,
+                          prior=a.prior)
     print(result.summary["message"])
     print(f"policy: {folder}  (use it with: python jobs/classify.py --policy {folder} ...)")
     return 0

@@ -277,3 +277,60 @@ def test_audit_upper_bound_is_exact_clopper_pearson():
     assert stats.rows_to_confirm(0.01) == 299 and stats.upper_bound(0, 0) is None
     lo = stats.lower_bound(16, 600)  # P(Binom(n, lo) >= k) = 5%
     assert 1 - stats.binomial_cdf(15, 600, lo) == pytest.approx(0.05, rel=1e-6) and stats.lower_bound(0, 10) == 0
+
+
+# -- a prior: a rule learned on other items for the same model and task ---------------------------
+
+
+def test_a_prior_rule_joins_the_candidates_and_is_tested_like_any_other(tiny_trace, tmp_path):
+    lm, trace, items, prefix = tiny_trace
+    dims = ModelDims.from_config(lm.config)
+    elsewhere, here = np.arange(300), np.arange(300, 600)  # the prior never sees the items it is tested on
+    part = lambda idx: {k: v[idx] for k, v in trace.items()}  # noqa: E731
+    prior = cal.calibrate(part(elsewhere), dims, len(prefix), len(LABEL_IDS), epsilon=0.2, features="probe",
+                          log=lambda *_: None).policy
+    prior.metadata["prior_name"] = "made-elsewhere"
+    logged = []
+    result = cal.calibrate(part(here), dims, len(prefix), len(LABEL_IDS), epsilon=0.2, prior=prior,
+                           log=logged.append)
+    s = result.summary
+    assert [c["mode"] for c in s["candidates"]][-1] == "prior" and any("fit part: prior" in m for m in logged)
+    assert s["prior"]["name"] == "made-elsewhere"
+    best = max(s["candidates"], key=lambda c: c["fit_flops_saved"] or -1)
+    assert s["prior"]["chosen"] == (best["mode"] == "prior")
+    assert s["guaranteed"] and s["agreement"] >= 1 - 0.2  # whichever won, only its thresholds were tested
+    assert {r["rule"] for r in result.rows} == {s["rule"]}
+
+    # As the prior: its probes and weights, not the fit part's; round trip and engine agree
+    forced = cal.calibrate(part(here), dims, len(prefix), len(LABEL_IDS), epsilon=0.2, prior=prior,
+                           features="label", score="linear", history=False, min_layers=(29,),
+                           log=lambda *_: None)  # fresh candidates that can hardly exit: the prior wins
+    policy = forced.policy
+    assert forced.summary["prior"]["chosen"] and policy.probes_ is prior.probes_
+    np.testing.assert_array_equal(policy.vectors_, prior.vectors_)
+    policy.save(tmp_path / "pol")
+    labels, top, gap = cal.top2(ExitPolicy.load(tmp_path / "pol").probes_.predict_proba(trace["hidden"][here]))
+    sim = cal.simulate_exits(cal.decision_values(policy, top, gap, labels), [policy.threshold], policy.min_layer)[:, 0]
+    out = EarlyExitEngine(lm, LABEL_IDS, policy=policy, prefix_ids=prefix).classify([items[i] for i in here])
+    assert (out["exit_layer"] == sim).mean() >= 0.97
+
+
+def test_the_job_takes_a_prior_only_where_it_matches_and_never_from_the_same_input(tiny_trace, tmp_path):
+    from adainfer_ray.job.plan import calibration_prior
+
+    lm, trace, _, prefix = tiny_trace
+    policy = run_calibrate(tiny_trace, epsilon=0.2).policy
+    policy.metadata.update(num_layers=lm.config.num_hidden_layers, input="/data/a.parquet")
+    policy.save(tmp_path / "pol")
+    facts = {"model_id": "tiny-llama", "model_hash": "llama", "num_layers": lm.config.num_hidden_layers,
+             "task": "toy", "task_fingerprint": "tpl-a", "input": "/data/b.parquet"}
+    logged = []
+    assert calibration_prior("none", facts, "agreement", logged.append) is None
+    assert calibration_prior("default", facts, "agreement", logged.append) is None  # none ships for tiny-llama
+    assert any("learned from the sample alone" in m for m in logged)
+    prior = calibration_prior(str(tmp_path / "pol"), facts, "agreement", logged.append)
+    assert prior is not None and prior.metadata["prior_name"] == str(tmp_path / "pol")
+    assert calibration_prior(str(tmp_path / "pol"), {**facts, "input": "/data/a.parquet"}, "agreement",
+                             logged.append) is None and "same input" in logged[-1]
+    with pytest.raises(PolicyError, match="--prior .*another prompt"):
+        calibration_prior(str(tmp_path / "pol"), {**facts, "task_fingerprint": "tpl-b"}, "agreement")

@@ -17,7 +17,7 @@ from adainfer_ray.job.actor import trace_features
 from adainfer_ray.job.cluster import Resources, map_classifier
 from adainfer_ray.job.config import JobConfig, JobError
 from adainfer_ray.job.dataset import read_dataset
-from adainfer_ray.job.plan import Plan, checked_policy, run_precision
+from adainfer_ray.job.plan import Plan, calibration_prior, checked_policy, run_precision
 from adainfer_ray.job.progress import ProgressReporter
 from adainfer_ray.job.sampling import calibration_keys
 from adainfer_ray.job.trace_file import SavedTrace, load_trace, save_trace
@@ -79,14 +79,14 @@ def calibrate_policy(cfg: JobConfig, plan: Plan, ray, res: Resources, folder: st
     saved = SavedTrace(trace, gold, groups if cfg.group_column else None, plan.dims, plan.prefix_tokens,
                        len(plan.task.labels), _provenance(cfg, plan, ray, res, seen, command, run_state))
     save_trace(folder, saved)  # first: a fit that fails can be redone from it (refit_policy)
-    result = _fit(saved, cfg.epsilon, cfg.delta, cfg.promise, cfg.seed, log)
+    result = _fit(saved, cfg.epsilon, cfg.delta, cfg.promise, cfg.seed, plan.prior, log)
     _write_policy(result, folder)
     log(f"calibration: policy, report and the sample's trace written to {folder}")
     return Calibration(result.policy, folder, result, sample_rows, seen)
 
 
 def refit_policy(trace_folder: str, folder: str, epsilon: float, delta: float, promise: str, seed: int = 0,
-                 command: str = "", log=print):
+                 command: str = "", log=print, prior: str = "default"):
     """jobs/calibrate.py --refit: fit and test a policy again from the trace an earlier calibration
     wrote in `trace_folder`, with another epsilon/delta/promise, into `folder` (no model, no Ray).
     Returns the calibrate.CalibrationResult."""
@@ -94,21 +94,23 @@ def refit_policy(trace_folder: str, folder: str, epsilon: float, delta: float, p
     if promise == "accuracy" and not (saved.gold >= 0).any():
         raise JobError(f"--promise accuracy needs gold labels, and the trace in {trace_folder} has none: "
                        "calibrate again with --label-column, or use --promise agreement")
-    saved.provenance.update(refit_from=trace_folder, created_by=command or saved.provenance.get("created_by"))
-    result = _fit(saved, epsilon, delta, promise, seed, log)
+    saved.provenance.update(refit_from=trace_folder, created_by=command or saved.provenance.get("created_by"),
+                            prior=prior)
+    result = _fit(saved, epsilon, delta, promise, seed, calibration_prior(prior, saved.provenance, promise, log), log)
     _write_policy(result, folder)
     log(f"refit: policy and report written to {folder}")
     return result
 
 
-def _fit(saved: SavedTrace, epsilon: float, delta: float, promise: str, seed: int, log):
-    """The one fit (calibrate.calibrate) of a traced sample, for a fresh calibration and a refit alike."""
+def _fit(saved: SavedTrace, epsilon: float, delta: float, promise: str, seed: int, prior, log):
+    """The one fit (calibrate.calibrate) of a traced sample, for a fresh calibration and a refit alike.
+    prior: job.plan.calibration_prior's policy, or None."""
     from adainfer_ray import calibrate as cal
 
     gold = saved.gold if (saved.gold >= 0).any() else None
     return cal.calibrate(saved.trace, saved.dims, saved.prefix_tokens, saved.num_labels, epsilon=epsilon,
                          delta=delta, seed=seed, gold=gold, groups=saved.groups, promise=promise,
-                         provenance=saved.provenance, log=lambda m: log("  " + m))
+                         provenance=saved.provenance, log=lambda m: log("  " + m), prior=prior)
 
 
 def _collect_traces(traced, plan: Plan):
@@ -151,6 +153,7 @@ def _provenance(cfg: JobConfig, plan: Plan, ray, res: Resources, seen: int, comm
         "labels": list(plan.task.labels), "verbalizers": list(plan.task.verbalizers),
         "dtype": run_precision(res.device_kind, cfg.dtype), "device": res.device_kind,
         "input": cfg.input, "sample_seed": cfg.seed, "rows_in_input": seen, "group_column": cfg.group_column,
+        "prior": cfg.prior,
         "actor_nodes": ray.get(run_state.actor_nodes.remote()) if run_state is not None else None,
         "created_by": command or "adainfer_ray.job.calibration.calibrate_policy",
         "adainfer_ray_version": adainfer_ray.__version__,

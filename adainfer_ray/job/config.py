@@ -42,6 +42,7 @@ class JobConfig:
     epsilon: float = 0.01
     delta: float = 0.05
     promise: str = "agreement"  # what epsilon bounds: "agreement" with full depth, or "accuracy" lost (gold labels)
+    prior: str = "default"  # calibration: a rule learned elsewhere joins the candidates ("default", "none", a folder)
     audit_fraction: float = 0.01
     audit_rows: int = 300  # at least this many rows audited (all of a smaller corpus)
     on_drift: str = "full"  # once the online audit shows the promise broken: full, stop or warn

@@ -43,6 +43,36 @@ def checked_policy(spec: str, task, model_id: str, model_hash: str, num_layers: 
     return policy
 
 
+def calibration_prior(spec: str | None, facts: dict, promise: str, log=print):
+    """--prior as the ExitPolicy calibrate.calibrate takes as a candidate, or None. facts: the model
+    and task it must match (model_id, model_hash, num_layers, task, task_fingerprint) and the
+    calibration's input. `default`: the shipped policy under `promise` when one matches (none ships
+    for most models and prompts: then no prior, said in one line); a folder: that policy, refused
+    if it does not match. A prior calibrated on this same input is left out: its rule was chosen on
+    these rows, and the test part must be independent of what chose the rule."""
+    from adainfer_ray.policy import PolicyError, find_policy, shipped_policy_name
+
+    if spec in (None, "none"):
+        return None
+    try:
+        prior = find_policy(spec, facts["model_id"], facts["task"], promise)
+        prior.check_compatible(facts["model_hash"], facts["task_fingerprint"], facts["num_layers"])
+    except (PolicyError, OSError) as e:
+        if spec != "default":
+            raise PolicyError(f"--prior {spec}: {e}") from e
+        log("calibration: no shipped policy matches this model and prompt, so the rule is learned from the "
+            "sample alone (--prior)")
+        return None
+    if prior.never_exits:
+        return None
+    if prior.metadata.get("input") and prior.metadata.get("input") == facts.get("input"):
+        log(f"calibration: --prior {spec} was calibrated on this same input: left out")
+        return None
+    prior.metadata["prior_name"] = (shipped_policy_name(facts["model_id"], facts["task"], promise)
+                                    if spec == "default" else spec)
+    return prior
+
+
 def run_precision(device_kind: str, dtype: str) -> str:
     """The dtype actors on `device_kind` compute in, as a name, from the rule that picks it."""
     from adainfer_ray.models import weights_dtype
@@ -62,9 +92,10 @@ class Labeling:
     num_layers: int
     dims: object  # flops.ModelDims
     prefix_tokens: int
+    prior: object = None  # --calibrate: calibration_prior's policy (or None)
 
 
-def plan_labeling(cfg: JobConfig, policy_spec: str | None = None) -> Labeling:
+def plan_labeling(cfg: JobConfig, policy_spec: str | None = None, log=print) -> Labeling:
     """Task, model and policy for `cfg` (policy_spec: --policy, default cfg.policy). Raises the
     errors jobs/*.py print as one line (JobError, PolicyError, UnsupportedModelError, ...)."""
     from transformers import AutoTokenizer  # after the cheap checks: importing torch takes seconds
@@ -85,8 +116,11 @@ def plan_labeling(cfg: JobConfig, policy_spec: str | None = None) -> Labeling:
     model_hash = model_fingerprint(model_dir)
     policy = checked_policy(policy_spec or cfg.policy, task, model_id(cfg.model), model_hash, dims.layers,
                             cfg.promise)
-    return Labeling(task=task, policy=policy, model_id=model_id(cfg.model), model_hash=model_hash,
-                    num_layers=dims.layers, dims=dims, prefix_tokens=len(encoder.prefix_ids))
+    facts = {"model_id": model_id(cfg.model), "model_hash": model_hash, "num_layers": dims.layers,
+             "task": task.name, "task_fingerprint": task.fingerprint(), "input": cfg.input}
+    prior = calibration_prior(cfg.prior, facts, cfg.promise, log) if cfg.calibrate else None  # a bad folder fails here
+    return Labeling(task=task, policy=policy, model_id=facts["model_id"], model_hash=model_hash,
+                    num_layers=dims.layers, dims=dims, prefix_tokens=len(encoder.prefix_ids), prior=prior)
 
 
 @dataclass
@@ -115,7 +149,7 @@ def preflight(cfg: JobConfig, log=print, checked: CheckedInput | None = None) ->
         raise PolicyError("--calibrate makes its own policy: leave out --policy (or use jobs/calibrate.py "
                           "once and --policy FOLDER for later runs)")
     # --calibrate: full depth until calibration makes the real policy (or finds it on resume).
-    labeling = plan_labeling(cfg, "full" if cfg.calibrate else None)
+    labeling = plan_labeling(cfg, "full" if cfg.calibrate else None, log)
     io.check_writable(cfg.output)
     has_id = checked.present["--id-column"]
     embedded = None
