@@ -15,8 +15,13 @@ DEFAULTS = JobConfig()
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=prog, description=description,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """A job's parser with the flags every job takes: input, task and model."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_input_args(p)
+    add_task_args(p)
+    add_model_args(p)
+    return p
 
 
 def add_input_args(p: argparse.ArgumentParser) -> None:

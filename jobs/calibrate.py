@@ -28,10 +28,7 @@ from adainfer_ray import cli  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = cli.parser("jobs/calibrate.py", __doc__.split("\n\n")[0])
-    cli.add_input_args(p)
-    cli.add_task_args(p)
-    cli.add_model_args(p)
+    p = cli.parser("jobs/calibrate.py", __doc__.split("\n\n")[0])  # input, task and model flags
     g = p.add_argument_group("calibration")
     g.add_argument("--sample", type=int, default=2000, metavar="N",
                    help="calibrate on a seeded random sample of N rows of the input (all rows if fewer)")

@@ -20,10 +20,7 @@ from adainfer_ray import cli  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = cli.parser("jobs/classify.py", __doc__.split("\n\n")[0])
-    cli.add_input_args(p)
-    cli.add_task_args(p)
-    cli.add_model_args(p)
+    p = cli.parser("jobs/classify.py", __doc__.split("\n\n")[0])  # input, task and model flags
     g = p.add_argument_group("exit policy")
     g.add_argument("--policy", default=cli.DEFAULTS.policy, help="exit policy: `default` (shipped for the default "
                    "model and built-in tasks), `full` (no early exit: the baseline), or a folder from jobs/calibrate.py")

@@ -205,16 +205,14 @@ def test_no_threshold_passes_gives_a_full_depth_policy(tiny_trace, tmp_path):
     assert (out["exit_layer"] == lm.num_layers).all()
 
 
-def test_policy_refuses_another_model_or_template(tiny_trace):
-    result = run_calibrate(tiny_trace, features="label")
-    policy = result.policy
+def test_a_calibrated_policy_refuses_another_model_or_template(tiny_trace):
+    # calibration copies the provenance that check_compatible reads (its cases: test_policy.py)
+    policy = run_calibrate(tiny_trace, features="label").policy
     policy.check_compatible("llama", "tpl-a", 6)  # its own model and template: fine
     with pytest.raises(PolicyError, match="calibrated for model"):
         policy.check_compatible("another-hash", "tpl-a", 6)
     with pytest.raises(PolicyError, match="template"):
         policy.check_compatible("llama", "tpl-b", 6)
-    with pytest.raises(PolicyError, match="6-layer"):
-        policy.check_compatible("llama", "tpl-a", 12)
 
 
 def test_groups_stay_on_one_side_of_the_split():

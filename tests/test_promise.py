@@ -44,7 +44,7 @@ def test_an_accuracy_promise_without_gold_labels_is_refused_in_one_line(job, tmp
 
 def test_the_promise_flag_reaches_the_config():
     p = cli.parser("x", "x")
-    cli.add_input_args(p), cli.add_task_args(p), cli.add_model_args(p), cli.add_calibration_args(p), cli.add_scale_args(p)
+    cli.add_calibration_args(p), cli.add_scale_args(p)
     assert cli.config_from_args(p.parse_args([])).promise == "agreement"
     assert cli.config_from_args(p.parse_args(["--promise", "accuracy"])).promise == "accuracy"
     assert "accuracy" in p.format_help() and "gold" in p.format_help()
