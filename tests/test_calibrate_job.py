@@ -166,17 +166,17 @@ def test_calibrate_once_then_classify_equals_classify_calibrate(ray_cluster, tmp
     model: jobs/calibrate.py's policy is accepted by classify, and equals the one `classify
     --calibrate` makes from the same sample and seed, so both label the other rows alike."""
     task = ["--labels", "negative,positive", "--template", r"Critique client « {text} »\nAvis é:",
-            "--epsilon", "0.2", "--delta", "0.2", "--seed", "7"]
+            "--epsilon", "0.2", "--delta", "0.2", "--seed", "7", "--limit", "200"]  # 200 of the demo's 300 rows
     policy = tmp_path / "policy"
-    submit(ray_cluster, "jobs/calibrate.py", *task, "--sample", "150", "--output", str(policy))
+    submit(ray_cluster, "jobs/calibrate.py", *task, "--sample", "100", "--output", str(policy))
     submit(ray_cluster, "jobs/classify.py", *task, "--policy", str(policy), "--output", str(tmp_path / "a"))
-    submit(ray_cluster, "jobs/classify.py", *task, "--calibrate", "150", "--output", str(tmp_path / "b"))
+    submit(ray_cluster, "jobs/classify.py", *task, "--calibrate", "100", "--output", str(tmp_path / "b"))
     once, inside = ExitPolicy.load(policy), ExitPolicy.load(tmp_path / "b" / "_policy")
     assert once.metadata["guaranteed"], "a loose promise on 150 reviews should allow early exit"
     assert (once.features, once.min_layer, once.threshold) == (inside.features, inside.min_layer, inside.threshold)
     assert once.metadata["task_fingerprint"] == inside.metadata["task_fingerprint"]
     a, b = read_output(tmp_path / "a").to_pandas(), read_output(tmp_path / "b").to_pandas()
-    assert len(a) == len(b) == 300 and b["calibration"].sum() == 150
+    assert len(a) == len(b) == 200 and b["calibration"].sum() == 100
     rest = b[~b["calibration"]].set_index("id")
     joined = rest.join(a.set_index("id").add_suffix("_a"))
     assert (joined["label"] == joined["label_a"]).all() and (joined["exit_layer"] == joined["exit_layer_a"]).all()
