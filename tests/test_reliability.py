@@ -182,6 +182,18 @@ def test_truncation_keeps_the_template_and_the_end_of_the_prompt(tiny_model_dir)
         assert item[: len(enc.head_ids)] == enc.head_ids and item[-len(enc.tail_ids):] == enc.tail_ids
 
 
+def test_outer_whitespace_never_reaches_the_model(tiny_model_dir):
+    """A trailing space or newline from the file format must not become a token before the answer."""
+    from transformers import AutoTokenizer
+
+    from adainfer_ray.prompts import SENTIMENT, PromptEncoder
+
+    enc = PromptEncoder(SENTIMENT, AutoTokenizer.from_pretrained(tiny_model_dir), max_tokens=2048)
+    plain, padded, inner = enc.encode(["a charming journey .", "  a charming journey . \n", "a  charming journey ."]).item_ids
+    assert padded == plain
+    assert inner != plain  # only the outer whitespace goes: the text itself is the user's
+
+
 # -- zero rows ---------------------------------------------------------------------------------------
 
 
