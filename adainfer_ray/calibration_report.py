@@ -51,14 +51,16 @@ def render_markdown(result: CalibrationResult) -> str:
         f"{s['test_size']} to test thresholds (seed {s['seed']}).",
         f"Promise asked: {_promise_sentence(s)} with probability >= {1 - s['delta']:.3g}. "
         f"One rule was chosen on the fit part among the candidates below (feature modes {', '.join(s['modes'])}, "
-        f"`{s['score']}` scores, with and without history as listed) and only its thresholds were tested, "
+        f"`{s['score']}` scores, with and without history as listed; the simplest whose saving is within one "
+        f"bootstrap standard error of the best) and only its thresholds were tested, "
         f"at the whole delta {s['delta']:.3g}"
         + (f": the test accepts up to {_pct(s['tolerated_disagreement'], 2)} disagreement." if s.get("tolerated_disagreement") is not None else "."),
         "",
-        "| candidate | history | best rule on the fit part | min_layer | FLOPs saved on the fit part |",
-        "|---|---|---|---|---|",
+        "| candidate | history | best rule on the fit part | min_layer | FLOPs saved on the fit part | chosen |",
+        "|---|---|---|---|---|---|",
         *[f"| {c['mode']} | {'yes' if c['history'] else 'no'} | `{c['rule']}` | {c['min_layer']} | "
-          f"{_pct(c['fit_flops_saved']) if c['fit_flops_saved'] is not None else 'none tolerated'} |"
+          f"{_pct(c['fit_flops_saved']) if c['fit_flops_saved'] is not None else 'none tolerated'} | "
+          f"{'**yes**' if c.get('chosen') else ''} |"
           for c in s.get("candidates", [])],
         "",
         "**Result.** " + s["message"],

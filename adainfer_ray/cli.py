@@ -98,10 +98,10 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
                         "under this promise")
     g.add_argument("--prior", default=DEFAULTS.prior, metavar="{default,none,FOLDER}",
                    help="calibration: a policy calibrated on other rows for this model and prompt whose rule (and "
-                        "probes) joins the candidates, re-thresholded on this sample; the fit part picks it only if "
-                        "it saves more. default: the shipped policy when one matches the model and task (it was "
-                        "calibrated on SST-2 train phrases: pass none if your corpus holds them); none: learn "
-                        "from this sample only; or a policy folder")
+                        "probes) joins the candidates, re-thresholded on this sample; the fit part picks it when "
+                        "it saves the most among rules as simple. default: the shipped policy when one matches "
+                        "the model and task (it was calibrated on SST-2 train phrases: pass none if your corpus "
+                        "holds them); none: learn from this sample only; or a policy folder")
     g.add_argument("--seed", type=int, default=DEFAULTS.seed,
                    help="seed of the calibration sample, its fit/test split, and the audit sample")
 
