@@ -270,7 +270,7 @@ def _saved(exits, used, full_reuse):
     return _item_saved(exits, used, full_reuse).sum(0) / full_reuse.sum()
 
 
-def fit_value(rule, features, ctx, fit_idx, scored_fit, n_test, num_thresholds, source="fit") -> Candidate:
+def fit_value(rule, features, ctx, fit_idx, scored_fit, num_thresholds, source="fit") -> Candidate:
     """One rule on the fit part: its thresholds (fit-part quantiles) and the FLOPs it saves at the
     loss the test part will likely accept. features: (labels, top, gap) [n, L] as this rule reads them."""
     labels, top, gap = features
@@ -313,7 +313,7 @@ def simplest_within_noise(candidates: list[Candidate], tolerates, seed: int = 0)
     return min((c for c in candidates if close_enough(c)), key=lambda c: (c.complexity, -c.fit_saved))
 
 
-def choose_rule(modes, history_options, score, ctx, fit_idx, scored_fit, n_test, num_thresholds, svm, log,
+def choose_rule(modes, history_options, score, ctx, fit_idx, scored_fit, num_thresholds, svm, log,
                 prior=None, seed=0):
     """The candidate (mode x history x rule family, or the prior rule) chosen on the fit part: the
     simplest whose saving at the loss the test part will tolerate is within noise of the best
@@ -336,14 +336,14 @@ def choose_rule(modes, history_options, score, ctx, fit_idx, scored_fit, n_test,
             family_best = {}
             for rule in candidate_rules(mode, score, ctx["L"], ctx["min_layers"], history, top[fit_idx],
                                         gap[fit_idx], agrees[fit_idx], labels[fit_idx], svm):
-                candidate = fit_value(rule, ctx["features"][mode], ctx, fit_idx, scored_fit, n_test, num_thresholds)
+                candidate = fit_value(rule, ctx["features"][mode], ctx, fit_idx, scored_fit, num_thresholds)
                 family = rule.kernel
                 if family not in family_best or candidate.fit_saved > family_best[family].fit_saved:
                     family_best[family] = candidate
             for candidate in family_best.values():
                 keep(candidate, mode, history)
     if prior is not None:
-        keep(fit_value(prior, ctx["features"]["prior"], ctx, fit_idx, scored_fit, n_test, num_thresholds, "prior"),
+        keep(fit_value(prior, ctx["features"]["prior"], ctx, fit_idx, scored_fit, num_thresholds, "prior"),
              "prior", prior.history)
     best = simplest_within_noise(finalists, ctx["tolerates"], seed)
     for row, candidate in zip(table, finalists):
@@ -450,7 +450,7 @@ def calibrate(trace: dict, dims: ModelDims, prefix_tokens: int, num_labels: int,
            "L": L, "min_layers": min_layers, "costs": costs, "promise": promise, "epsilon": epsilon, "delta": delta}
     ctx["tolerates"] = functools.partial(fit_tolerates, promise=promise, n_test=n_test, epsilon=epsilon, delta=delta)
     prior, ctx["features"]["prior"] = prior_rule(prior, trace, log)
-    chosen, candidates = choose_rule(modes, history_options, score, ctx, fit_idx, scored_fit, n_test,
+    chosen, candidates = choose_rule(modes, history_options, score, ctx, fit_idx, scored_fit,
                                      num_thresholds, svm, log, prior, seed)
     rule, thresholds, mode = chosen.rule, chosen.thresholds, chosen.rule.features
     if chosen.source == "fit":  # a prior keeps the probes it came with
