@@ -34,12 +34,12 @@ How (Angelopoulos, Bates et al., "Learn then Test", 2021):
    fails, the policy is full depth.
 
 Exit features with history (`streak`, `dtop`, see policy.py) are candidates like any other: the
-fit part decides whether they help. Rules live in rules.py, the statistics in stats.py.
+fit part decides whether they help.
 
-Exits are simulated from the trace (exits.py: `simulate_exits`, `exit_answers`, `exit_costs`).
-Reading order: features (`probe_features`, `mode_features`),
-losses and choice on the fit part (`item_losses`, `fit_tolerates`, `choose_rule`), the whole thing
-(`calibrate`). Nothing here runs the model: everything works on plain arrays, so tests feed it
+Where each step lives: the probes in probes.py, the choice on the fit part (step 3) in choice.py,
+the rules in rules.py, the statistics in stats.py, exits simulated from the trace in exits.py.
+This module holds the steps' order and the test (step 4): `mode_features`, `split_fit_test`,
+`calibrate`. Nothing here runs the model: everything works on plain arrays, so tests feed it
 synthetic traces.
 """
 
@@ -52,12 +52,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from adainfer_ray.features import DEFAULT_CANDIDATE_MODES, FEATURE_MODES, LinearProbes, top2
-from adainfer_ray.exits import exit_answers, exit_costs, simulate_exits
+from adainfer_ray.choice import choose_rule, fit_tolerates, flops_saved_share, item_losses, rule_outcomes, tolerated_rate
+from adainfer_ray.exits import exit_costs
+from adainfer_ray.features import DEFAULT_CANDIDATE_MODES, FEATURE_MODES, top2
 from adainfer_ray.flops import ModelDims
 from adainfer_ray.policy import ExitPolicy
-from adainfer_ray.rules import SCORES, candidate_rules, candidate_thresholds, decision_values
-from adainfer_ray.stats import NUISANCE_SHARE, binomial_pvalue, fixed_sequence, largest_accepted_count, paired_pvalue
+from adainfer_ray.probes import probe_features
+from adainfer_ray.rules import SCORES
+from adainfer_ray.stats import NUISANCE_SHARE, binomial_pvalue, fixed_sequence, paired_pvalue
 
 DEFAULT_EPSILON, DEFAULT_DELTA = 0.01, 0.05
 PROMISES = ("agreement", "accuracy")
@@ -109,83 +111,8 @@ def test_pvalues(losses: np.ndarray, promise: str, epsilon: float, delta: float)
     return np.array([paired_pvalue(int(w), int(b), m, epsilon, NUISANCE_SHARE * delta) for w, b in zip(worse, better)])
 
 
-@functools.lru_cache(maxsize=None)  # asked once per candidate rule with the same (n, epsilon, delta)
-def tolerated_rate(n: int, epsilon: float, delta: float) -> float:
-    """The largest disagreement share among n items that the binomial test still accepts: where
-    Learn-then-Test will land, so the fit part aims its choice of rule there."""
-    return max(largest_accepted_count(n, epsilon, delta), 0) / n
-
-
-def fit_tolerates(losses_fit: np.ndarray, promise: str, n_test: int, epsilon: float, delta: float) -> np.ndarray:
-    """Which thresholds' fit-part losses [m, K] the test part (n_test items) would likely accept [K]:
-    the test itself, on the fit part's rates scaled to n_test items. Only aims the choice of rule
-    on the fit part: the guarantee never depends on it."""
-    if promise == "agreement":
-        return losses_fit.mean(0) <= tolerated_rate(n_test, epsilon, delta)
-    worse = np.rint((losses_fit > 0).mean(0) * n_test).astype(int)
-    better = np.rint((losses_fit < 0).mean(0) * n_test).astype(int)
-    return np.array([paired_pvalue(int(w), int(b), n_test, epsilon, NUISANCE_SHARE * delta) <= delta
-                     for w, b in zip(worse, better)])
-
-
-def item_losses(answers: np.ndarray, final: np.ndarray, gold: np.ndarray | None, promise: str) -> np.ndarray:
-    """Each item's loss at every threshold: answers [m, K] at exit, final [m], gold [m] -> [m, K].
-    agreement: 1[exit answer != full depth's]; accuracy: 1[exit wrong] - 1[full depth wrong]."""
-    if promise == "agreement":
-        return (answers != final[:, None]).astype(np.float64)
-    return (answers != gold[:, None]).astype(np.float64) - (final != gold)[:, None]
-
-
 # ----------------------------------------------------------------------------------------------
-# Features per mode, and fitting one family
-
-
-def fit_probes(hidden: np.ndarray, y: np.ndarray, num_labels: int, C: float = 0.1) -> LinearProbes:
-    """Per-layer probes fitted on standardised hidden states, the scaling folded back into the
-    weights so the engine applies them to raw states. Standardising makes lbfgs converge in a
-    few dozen iterations instead of hundreds and lets one C suit every layer (their scales differ)."""
-    x = hidden.astype(np.float32)  # [n, L, D]
-    mu, sd = x.mean(0), x.std(0) + 1e-3  # [L, D]
-    probes = LinearProbes(C=C).fit((x - mu) / sd, y, num_labels)
-    probes.coef_ = (probes.coef_ / sd[:, None, :]).astype(np.float32)  # w.(x - mu)/sd = (w/sd).x - (w/sd).mu
-    probes.intercept_ = (probes.intercept_ - np.einsum("lcd,ld->lc", probes.coef_, mu)).astype(np.float32)
-    return probes
-
-
-# The probes' L2 strengths tried on the fit part. Measured on SST-2 phrases (SmolLM2-135M, 300 to
-# 4,000 fit items): 0.01 beat the earlier fixed 0.1 at every size, and the cross-fitted log-loss
-# picks it, so the fit part chooses (a fixed number could not suit every model and corpus).
-PROBE_C_GRID = (0.003, 0.01, 0.03, 0.1)
-
-
-def probe_features(hidden: np.ndarray, final_label: np.ndarray, fit_idx: np.ndarray, num_labels: int,
-                   C="auto", folds: int = 2, seed: int = 0) -> tuple[LinearProbes, np.ndarray, float]:
-    """Per-layer probes fitted on the fit part, and honest probe probabilities for every item.
-
-    Items outside the fit part get the probes fitted on the whole fit part (the probes the policy
-    ships). Items inside it get cross-fitted probabilities (each fold scored by probes that never
-    saw it): in-sample probe outputs are over-confident, and the rule trained on them would trust
-    them more than it should at test time. C: the L2 strength, or "auto": the one of PROBE_C_GRID
-    whose cross-fitted probabilities give the final label the lowest log-loss (mean over layers),
-    on the fit part only. Returns (probes, proba [n, L, C], the C used).
-    """
-    grid = PROBE_C_GRID if C == "auto" else (float(C),)
-    fold_of = np.random.default_rng(seed).permutation(len(fit_idx)) % folds
-    best = None
-    for c in grid:
-        crossed = np.zeros((len(fit_idx), hidden.shape[1], num_labels))  # [m, L, C]
-        for f in range(folds):
-            inner, outer = fit_idx[fold_of != f], fit_idx[fold_of == f]
-            crossed[fold_of == f] = fit_probes(hidden[inner], final_label[inner], num_labels, c).predict_proba(hidden[outer])
-        right = np.take_along_axis(crossed, final_label[fit_idx][:, None, None], axis=2)  # [m, L, 1]
-        log_loss = float(-np.log(np.clip(right, 1e-9, 1.0)).mean())
-        if best is None or log_loss < best[0]:
-            best = (log_loss, c, crossed)
-    _, c, crossed = best
-    probes = fit_probes(hidden[fit_idx], final_label[fit_idx], num_labels, c)
-    proba = probes.predict_proba(hidden)
-    proba[fit_idx] = crossed
-    return probes, proba, c
+# Features per mode (the probes are fitted in probes.py), and the prior as a candidate
 
 
 def mode_features(trace: dict, mode: str, probe_proba: np.ndarray | None = None):
@@ -210,145 +137,6 @@ def prior_rule(prior: ExitPolicy | None, trace: dict, log):
     if prior.features == "probe":
         return rule, top2(prior.probes_.predict_proba(trace["hidden"]))
     return rule, mode_features(trace, prior.features)
-
-
-# ----------------------------------------------------------------------------------------------
-# Choosing one rule on the fit part
-
-
-# Rules that must beat a simpler one by more than the fit part's noise to be chosen (`choose_rule`).
-BOOTSTRAP_DRAWS = 40
-
-
-@dataclass
-class Candidate:
-    rule: ExitPolicy  # unthresholded
-    thresholds: np.ndarray  # [K] from the fit part, most conservative first
-    fit_saved: float  # FLOPs saved on the fit part at the loss the test part will likely accept
-    source: str = "fit"  # "fit": learned on the fit part; "prior": learned elsewhere (see `calibrate`)
-    item_saved: np.ndarray | None = None  # [m, K] each fit item's FLOPs saved at every threshold
-    item_full: np.ndarray | None = None  # [m] each fit item's full-depth FLOPs
-    item_losses: np.ndarray | None = None  # [m, K] each fit item's loss (0 for items the promise ignores)
-    scored: np.ndarray | None = None  # [m] the fit items the promise is about
-
-    @property
-    def complexity(self) -> int:
-        """What a rule learned on the fit part adds to top/gap/depth: history, an RBF SVM. A prior
-        was learned elsewhere, so the fit part cannot have flattered its form."""
-        if self.source == "prior":
-            return 0
-        return int(self.rule.history) + int(self.rule.kernel == "rbf")
-
-    def value(self, draw: np.ndarray, tolerates) -> float:
-        """fit_saved on a resample of the fit part (draw: item positions, with repeats)."""
-        scored = self.scored[draw]
-        ok = tolerates(self.item_losses[draw][scored])
-        saved = self.item_saved[draw].sum(0) / self.item_full[draw].sum()
-        return float(saved[ok].max()) if ok.any() else 0.0
-
-
-def _decisions(policy, idx, labels, top, gap):
-    """The rule's scores [m, L] of items idx, in chunks (bounded memory for RBF SVMs)."""
-    chunks = np.array_split(idx, max(1, len(idx) // 1000))
-    return np.concatenate([decision_values(policy, top[c], gap[c], labels[c]) for c in chunks])
-
-
-def _outcomes(policy, thresholds, idx, labels, top, gap, final, dec=None):
-    """Exit layers [m, K] and exit answers [m, K] of items idx at every threshold."""
-    dec = _decisions(policy, idx, labels, top, gap) if dec is None else dec
-    exits = simulate_exits(dec, thresholds, policy.min_layer)
-    return exits, exit_answers(exits, labels[idx], final[idx])
-
-
-def _item_saved(exits, used, full_reuse):
-    """FLOPs each item saves [m, K] at its exits [m, K], with per-exit cost used [m, L] and baseline [m]."""
-    return full_reuse[:, None] - np.take_along_axis(used, exits - 1, 1)
-
-
-def _saved(exits, used, full_reuse):
-    """FLOPs saved [K] by the exits [m, K] of items with per-exit cost used [m, L] and baseline [m]."""
-    return _item_saved(exits, used, full_reuse).sum(0) / full_reuse.sum()
-
-
-def fit_value(rule, features, ctx, fit_idx, scored_fit, num_thresholds, source="fit") -> Candidate:
-    """One rule on the fit part: its thresholds (fit-part quantiles) and the FLOPs it saves at the
-    loss the test part will likely accept. features: (labels, top, gap) [n, L] as this rule reads them."""
-    labels, top, gap = features
-    used, full_reuse = ctx["costs"](rule.features, rule.first_read_layer)
-    dec = _decisions(rule, fit_idx, labels, top, gap)
-    thresholds = candidate_thresholds(dec, rule.min_layer, num_thresholds)
-    exits, answers = _outcomes(rule, thresholds, fit_idx, labels, top, gap, ctx["final"], dec)
-    item_saved = _item_saved(exits, used[fit_idx], full_reuse[fit_idx])
-    saved = item_saved.sum(0) / full_reuse[fit_idx].sum()
-    losses = np.zeros(answers.shape)
-    sub = fit_idx[scored_fit]
-    losses[scored_fit] = item_losses(answers[scored_fit], ctx["final"][sub], ctx["gold"][sub], ctx["promise"])
-    ok = ctx["tolerates"](losses[scored_fit])
-    return Candidate(rule, thresholds, float(saved[ok].max()) if ok.any() else -np.inf, source,
-                     item_saved, full_reuse[fit_idx], losses, scored_fit)
-
-
-def simplest_within_noise(candidates: list[Candidate], tolerates, seed: int = 0) -> Candidate:
-    """The least complex candidate whose fit-part saving is within one bootstrap standard error of
-    the best one's (the "one standard error" rule), the larger saving among equals.
-
-    Why: a few hundred fit items measure each rule's saving at the loss the test part will accept
-    from a handful of disagreements, so the largest of many candidates' savings is mostly luck, and
-    rules with more freedom (history, an RBF SVM) win that lottery more often. Measured on 12 draws
-    of 1,000 SST-2 phrases (eps 2%), choosing the plain maximum among all candidates skipped 29.7%
-    of layers outside the sample, the linear rules without history alone 32.3%. A richer rule is
-    chosen when it beats the simpler ones by more than the fit part's noise, as with more fit data."""
-    top = max(candidates, key=lambda c: c.fit_saved)
-    draws = np.random.default_rng(seed).integers(0, len(top.scored), (BOOTSTRAP_DRAWS, len(top.scored)))
-    top_values = np.array([top.value(d, tolerates) for d in draws])
-
-    def close_enough(c):
-        if c is top:
-            return True
-        if not np.isfinite(c.fit_saved):
-            return False
-        gaps = top_values - np.array([c.value(d, tolerates) for d in draws])
-        return top.fit_saved - c.fit_saved <= gaps.std()
-
-    return min((c for c in candidates if close_enough(c)), key=lambda c: (c.complexity, -c.fit_saved))
-
-
-def choose_rule(modes, history_options, score, ctx, fit_idx, scored_fit, num_thresholds, svm, log,
-                prior=None, seed=0):
-    """The candidate (mode x history x rule family, or the prior rule) chosen on the fit part: the
-    simplest whose saving at the loss the test part will tolerate is within noise of the best
-    (`simplest_within_noise`). ctx: per-mode features and per-exit costs (see `calibrate`).
-    Returns (the chosen Candidate, one summary row per mode x history x family for the report)."""
-    finalists, table = [], []
-
-    def keep(candidate, mode, history):
-        finalists.append(candidate)
-        table.append({"mode": mode, "history": history, "rule": candidate.rule.rule_,
-                      "min_layer": candidate.rule.min_layer,
-                      "fit_flops_saved": candidate.fit_saved if np.isfinite(candidate.fit_saved) else None})
-        log(f"  fit part: {mode:5s}{' + history' if history else '          '} best {candidate.rule.rule_}, "
-            f"min_layer {candidate.rule.min_layer}: saves {max(candidate.fit_saved, 0):.1%} of FLOPs")
-
-    for mode in modes:
-        labels, top, gap = ctx["features"][mode]
-        agrees = labels == ctx["final"][:, None]  # [n, L]: this layer already answers as the model does
-        for history in history_options:
-            family_best = {}
-            for rule in candidate_rules(mode, score, ctx["L"], ctx["min_layers"], history, top[fit_idx],
-                                        gap[fit_idx], agrees[fit_idx], labels[fit_idx], svm):
-                candidate = fit_value(rule, ctx["features"][mode], ctx, fit_idx, scored_fit, num_thresholds)
-                family = rule.kernel
-                if family not in family_best or candidate.fit_saved > family_best[family].fit_saved:
-                    family_best[family] = candidate
-            for candidate in family_best.values():
-                keep(candidate, mode, history)
-    if prior is not None:
-        keep(fit_value(prior, ctx["features"]["prior"], ctx, fit_idx, scored_fit, num_thresholds, "prior"),
-             "prior", prior.history)
-    best = simplest_within_noise(finalists, ctx["tolerates"], seed)
-    for row, candidate in zip(table, finalists):
-        row["chosen"] = candidate is best
-    return best, table
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,7 +235,7 @@ def calibrate(trace: dict, dims: ModelDims, prefix_tokens: int, num_labels: int,
         return cost_cache[mode, first_read_layer]
 
     ctx = {"features": {m: mode_features(trace, m, probe_proba) for m in modes}, "final": final, "gold": gold,
-           "L": L, "min_layers": min_layers, "costs": costs, "promise": promise, "epsilon": epsilon, "delta": delta}
+           "L": L, "min_layers": min_layers, "costs": costs, "promise": promise}
     ctx["tolerates"] = functools.partial(fit_tolerates, promise=promise, n_test=n_test, epsilon=epsilon, delta=delta)
     prior, ctx["features"]["prior"] = prior_rule(prior, trace, log)
     chosen, candidates = choose_rule(modes, history_options, score, ctx, fit_idx, scored_fit,
@@ -459,7 +247,7 @@ def calibrate(trace: dict, dims: ModelDims, prefix_tokens: int, num_labels: int,
     # Test: fixed-sequence testing of the one chosen rule's thresholds on the test part, at delta.
     labels, top, gap = ctx["features"]["prior" if chosen.source == "prior" else mode]
     used, full_reuse = costs(mode, rule.first_read_layer)
-    exits, answers = _outcomes(rule, thresholds, test_idx, labels, top, gap, final)
+    exits, answers = rule_outcomes(rule, thresholds, test_idx, labels, top, gap, final)
     sub = test_idx[scored_test]
     losses = item_losses(answers[scored_test], final[sub], gold[sub], promise)  # [n_test, K]
     pvalues = test_pvalues(losses, promise, epsilon, delta)
@@ -519,7 +307,7 @@ def _rows(rule, thresholds, exits, answers, final, gold, graded, used, full_reus
     """The report's table: one row per candidate threshold of the chosen rule, on the test part."""
     wrong = answers != final[:, None]
     right = answers[graded] == gold[graded, None]
-    saved = _saved(exits, used, full_reuse)
+    saved = flops_saved_share(exits, used, full_reuse)
     return [{
         "mode": rule.features, "history": rule.history, "rule": rule.rule_, "min_layer": rule.min_layer, "rank": j,
         "threshold": float(t), "exit_early_share": float((exits[:, j] < L).mean()),

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from adainfer_ray import calibrate as cal
-from adainfer_ray import stats
+from adainfer_ray import choice, probes, stats
 from adainfer_ray.engine import EarlyExitEngine
+from adainfer_ray.exits import exit_answers, exit_costs, simulate_exits
 from adainfer_ray.flops import ModelDims, item_flops
 from adainfer_ray.policy import ExitPolicy, PolicyError
+from adainfer_ray.rules import decision_values
 from conftest import build_tiny, random_items
 
 LABEL_IDS = [5, 9, 17]
@@ -86,7 +88,7 @@ def test_simulate_exits_equals_a_per_item_loop(min_layer):
     n, L = 50, 6
     decisions = rng.normal(size=(n, L))
     thresholds = np.sort(rng.normal(size=20))[::-1]
-    got = cal.simulate_exits(decisions, thresholds, min_layer)
+    got = simulate_exits(decisions, thresholds, min_layer)
     for i in range(n):
         for j, t in enumerate(thresholds):
             want = next((layer for layer in range(min_layer, L) if decisions[i, layer - 1] >= t), L)
@@ -97,13 +99,13 @@ def test_simulate_exits_equals_a_per_item_loop(min_layer):
 def test_exit_answers_use_the_models_own_label_at_full_depth():
     layer_labels = np.array([[0, 1, 2], [2, 2, 0]])
     exits = np.array([[1, 3], [2, 3]])
-    got = cal.exit_answers(exits, layer_labels, final_label=np.array([1, 1]))
+    got = exit_answers(exits, layer_labels, final_label=np.array([1, 1]))
     assert got.tolist() == [[0, 1], [2, 1]]
 
 
 def test_exit_costs_equal_item_flops(tiny_llama):
     dims = ModelDims.from_config(tiny_llama.config)
-    used, full, reuse = cal.exit_costs(dims, 11, [5, 9, 5], "label", 3, min_layer=2)
+    used, full, reuse = exit_costs(dims, 11, [5, 9, 5], "label", 3, min_layer=2)
     for i, length in enumerate([5, 9, 5]):
         for e in range(1, dims.layers + 1):
             f = item_flops(dims, 11, length, e, "label", 3, 2, reuse_prefix=True)
@@ -184,12 +186,12 @@ def test_engine_exits_where_the_simulation_says(tiny_trace, mode, score, history
     assert policy.features == mode and policy.history == history and result.summary["guaranteed"]
     proba = policy.probes_.predict_proba(trace["hidden"]) if mode == "probe" else None
     labels, top, gap = cal.mode_features(trace, mode, proba)
-    sim = cal.simulate_exits(cal.decision_values(policy, top, gap, labels), [policy.threshold], policy.min_layer)[:, 0]
+    sim = simulate_exits(decision_values(policy, top, gap, labels), [policy.threshold], policy.min_layer)[:, 0]
     for regroup in (True, False):  # regrouping moves items between steps: their history moves with them
         out = EarlyExitEngine(lm, LABEL_IDS, policy=policy, prefix_ids=prefix, regroup=regroup).classify(items)
         # float16 hidden states in the trace vs float32 in the engine can flip a decision at the threshold
         assert (out["exit_layer"] == sim).mean() >= 0.97
-        assert (out["label"] == cal.exit_answers(sim[:, None], labels, trace["final_label"])[:, 0]).mean() >= 0.97
+        assert (out["label"] == exit_answers(sim[:, None], labels, trace["final_label"])[:, 0]).mean() >= 0.97
 
 
 def test_no_threshold_passes_gives_a_full_depth_policy(tiny_trace, tmp_path):
@@ -275,22 +277,22 @@ def test_probe_strength_is_chosen_on_the_fit_part_by_cross_fitted_log_loss():
     def chosen_C(n, dims, noise):  # labels from one direction of [n, 2 layers, dims] states, plus noise
         x = rng.normal(size=(n, 2, dims)).astype(np.float32)
         y = ((x[:, :, 0].mean(1) + noise * rng.normal(size=n)) > 0).astype(int)
-        probes, proba, C = cal.probe_features(x, y, np.arange(n), 2)
-        assert proba.shape == (n, 2, 2) and probes.coef_.shape == (2, 2, dims)
+        fitted, proba, C = probes.probe_features(x, y, np.arange(n), 2)
+        assert proba.shape == (n, 2, 2) and fitted.coef_.shape == (2, 2, dims)
         return C
 
     # Many items, few clean dimensions: the weakest penalty; few items in many dimensions: strong.
-    assert chosen_C(2000, 4, 0.0) == max(cal.PROBE_C_GRID)
-    assert chosen_C(60, 400, 1.0) < max(cal.PROBE_C_GRID)
+    assert chosen_C(2000, 4, 0.0) == max(probes.PROBE_C_GRID)
+    assert chosen_C(60, 400, 1.0) < max(probes.PROBE_C_GRID)
     x = rng.normal(size=(40, 2, 8)).astype(np.float32)
-    assert cal.probe_features(x, (x[:, 0, 0] > 0).astype(int), np.arange(40), 2, C=0.5)[2] == 0.5  # as given
+    assert probes.probe_features(x, (x[:, 0, 0] > 0).astype(int), np.arange(40), 2, C=0.5)[2] == 0.5  # as given
 
 
 def _candidate(saved_per_item, history):
     """A fit-part candidate whose items save saved_per_item [m] at one threshold, with no loss."""
     rule = ExitPolicy(features="probe", kernel="linear", history=history)
     m = len(saved_per_item)
-    return cal.Candidate(rule, np.array([0.5]), float(saved_per_item.mean()), "fit", saved_per_item[:, None],
+    return choice.Candidate(rule, np.array([0.5]), float(saved_per_item.mean()), "fit", saved_per_item[:, None],
                          np.ones(m), np.zeros((m, 1)), np.ones(m, bool))
 
 
@@ -303,12 +305,12 @@ def test_a_richer_rule_must_beat_a_simpler_one_by_more_than_the_fit_parts_noise(
     lucky = _candidate(simple.item_saved[:, 0] + noise + 0.01, history=True)  # 1 point more: within noise
     better = _candidate(simple.item_saved[:, 0] + noise + 0.15, history=True)  # 15 points more
     assert lucky.fit_saved > simple.fit_saved and lucky.complexity > simple.complexity
-    assert cal.simplest_within_noise([lucky, simple], tolerates) is simple
-    assert cal.simplest_within_noise([better, simple], tolerates) is better
+    assert choice.simplest_within_noise([lucky, simple], tolerates) is simple
+    assert choice.simplest_within_noise([better, simple], tolerates) is better
     # a prior was not learned on this fit part: it is not penalised for its form
     prior = _candidate(lucky.item_saved[:, 0], history=True)
     prior.source = "prior"
-    assert cal.simplest_within_noise([prior, simple], tolerates) is prior
+    assert choice.simplest_within_noise([prior, simple], tolerates) is prior
 
 
 def test_audit_upper_bound_is_exact_clopper_pearson():
@@ -353,7 +355,7 @@ def test_a_prior_rule_joins_the_candidates_and_is_tested_like_any_other(tiny_tra
     np.testing.assert_array_equal(policy.vectors_, prior.vectors_)
     policy.save(tmp_path / "pol")
     labels, top, gap = cal.top2(ExitPolicy.load(tmp_path / "pol").probes_.predict_proba(trace["hidden"][here]))
-    sim = cal.simulate_exits(cal.decision_values(policy, top, gap, labels), [policy.threshold], policy.min_layer)[:, 0]
+    sim = simulate_exits(decision_values(policy, top, gap, labels), [policy.threshold], policy.min_layer)[:, 0]
     out = EarlyExitEngine(lm, LABEL_IDS, policy=policy, prefix_ids=prefix).classify([items[i] for i in here])
     assert (out["exit_layer"] == sim).mean() >= 0.97
 

@@ -2,7 +2,6 @@
 policy per promise, the trace columns following the candidates' modes, and the end verdict under
 each promise."""
 
-import json
 import os
 import subprocess
 import sys
