@@ -185,6 +185,13 @@ def ray_cluster(tmp_path_factory):
         local_sh("stop")
 
 
+# Prefixed to a submitted command: the job's Ray Data waits until every model actor is up before it
+# hands out blocks. Without it, on a busy 2-core machine the first actor to load its model could take
+# every block before the second was ready, and a test of spreading over two nodes would say nothing
+# (it happened with 12 blocks).
+ALL_ACTORS_UP = ("env", "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S=300")
+
+
 def ray_job_submit(*command, address: str | None = None, env: dict | None = None, timeout: int = 900):
     """`ray job submit --working-dir <checkout> -- <command>` from the checkout, retried while a
     fresh head's job agent is still registering ("No available agent"). `address`: the dashboard

@@ -17,7 +17,7 @@ from adainfer_ray.job.actor import gold_names
 from adainfer_ray.job.sampling import calibration_keys
 from adainfer_ray.policy import ExitPolicy
 from adainfer_ray.schema import OUTPUT_SCHEMA, SIDECAR_NAME
-from conftest import ray_job_submit, review_texts
+from conftest import ALL_ACTORS_UP, ray_job_submit, review_texts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SST2_DEV = os.path.join(os.path.dirname(ROOT), "shared", "data", "sst2", "dev.tsv")
@@ -155,7 +155,7 @@ def test_classify_calibrate_labels_every_row_once_and_keeps_the_sample_at_full_d
 
 
 def submit(ray_cluster, *args) -> subprocess.CompletedProcess:
-    r = ray_job_submit("python", *args, address=ray_cluster["dashboard"], timeout=1200)
+    r = ray_job_submit(*ALL_ACTORS_UP, "python", *args, address=ray_cluster["dashboard"], timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     return r
 
@@ -164,23 +164,26 @@ def submit(ray_cluster, *args) -> subprocess.CompletedProcess:
 def test_calibrate_once_then_classify_equals_classify_calibrate(ray_cluster, tmp_path):
     """A custom task whose template holds a newline and non-ASCII characters, on the real default
     model: jobs/calibrate.py's policy is accepted by classify, and equals the one `classify
-    --calibrate` makes from the same sample and seed, so both label the other rows alike."""
+    --calibrate` makes from the same sample and seed (there on two actors, one per node), so both
+    label the other rows alike."""
     task = ["--labels", "negative,positive", "--template", r"Critique client « {text} »\nAvis é:",
-            "--epsilon", "0.2", "--delta", "0.2", "--seed", "7", "--limit", "200"]  # 200 of the demo's 300 rows
+            "--epsilon", "0.2", "--delta", "0.2", "--seed", "7", "--limit", "120"]  # 120 of the demo's 300 rows
     policy = tmp_path / "policy"
-    submit(ray_cluster, "jobs/calibrate.py", *task, "--sample", "100", "--output", str(policy))
+    submit(ray_cluster, "jobs/calibrate.py", *task, "--sample", "60", "--output", str(policy))
     submit(ray_cluster, "jobs/classify.py", *task, "--policy", str(policy), "--output", str(tmp_path / "a"))
-    submit(ray_cluster, "jobs/classify.py", *task, "--calibrate", "100", "--output", str(tmp_path / "b"))
+    submit(ray_cluster, "jobs/classify.py", *task, "--calibrate", "60", "--output", str(tmp_path / "b"),
+           "--actors", "2", "--batch-size", "10")
     once, inside = ExitPolicy.load(policy), ExitPolicy.load(tmp_path / "b" / "_policy")
-    assert once.metadata["guaranteed"], "a loose promise on 150 reviews should allow early exit"
+    assert once.metadata["guaranteed"], "a loose promise on 60 reviews should allow early exit"
     assert (once.features, once.min_layer, once.threshold) == (inside.features, inside.min_layer, inside.threshold)
     assert once.metadata["task_fingerprint"] == inside.metadata["task_fingerprint"]
     a, b = read_output(tmp_path / "a").to_pandas(), read_output(tmp_path / "b").to_pandas()
-    assert len(a) == len(b) == 200 and b["calibration"].sum() == 100
+    assert len(a) == len(b) == 120 and b["calibration"].sum() == 60
     rest = b[~b["calibration"]].set_index("id")
     joined = rest.join(a.set_index("id").add_suffix("_a"))
     assert (joined["label"] == joined["label_a"]).all() and (joined["exit_layer"] == joined["exit_layer_a"]).all()
     assert rest["exit_layer"].mean() < 30  # the policy really exits early
+    assert len(set(json.loads((tmp_path / "b" / SIDECAR_NAME).read_text())["actor_nodes"])) == 2
 
 
 # -- the public stage ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from adainfer_ray.schema import OUTPUT_SCHEMA, SIDECAR_NAME
-from conftest import free_port, ray_job_submit, review_texts
+from conftest import ALL_ACTORS_UP, free_port, ray_job_submit, review_texts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
@@ -36,7 +36,8 @@ def write_inputs(folder, n_files=4, rows=50):
 
 def submit(ray_cluster, *job_args, env=None, job="jobs/classify.py"):
     """`ray job submit` with the exports of `cluster/local.sh env`, as the README says."""
-    return ray_job_submit("python", job, *job_args, env={**os.environ, **ray_cluster["env"], **(env or {})})
+    return ray_job_submit(*ALL_ACTORS_UP, "python", job, *job_args,
+                          env={**os.environ, **ray_cluster["env"], **(env or {})})
 
 
 def cluster_node_ids(ray_cluster) -> set[str]:
@@ -63,27 +64,10 @@ def test_without_the_token_the_cluster_refuses(ray_cluster):
     assert e.value.code == 401
 
 
-def test_two_actors_on_two_nodes_label_every_row_once(ray_cluster, tiny_model_dir, tmp_path):
-    # Enough batches that the second actor, which may start seconds after the first, gets work too.
-    n = write_inputs(tmp_path / "in", rows=400)
-    out = tmp_path / "out"
-    r = submit(ray_cluster, "--input", tmp_path / "in", "--output", out, "--model", tiny_model_dir,
-               "--policy", "full", "--actors", "2", "--batch-size", "20", "--audit-fraction", "0")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    table = read_output(out)
-    ids = table.column("id").to_pylist()
-    assert table.schema == OUTPUT_SCHEMA and len(ids) == n and len(set(ids)) == n
-    assert {i.rsplit(":", 1)[0] for i in ids} == {f"shard{k % 2}/day{k // 2}/part-0.jsonl" for k in range(4)}
-    assert table.column("error").null_count == n
-    side = json.loads((out / SIDECAR_NAME).read_text())
-    nodes = set(side["actor_nodes"])
-    assert nodes == cluster_node_ids(ray_cluster), r.stdout[-4000:]  # both nodes ran a model actor
-    assert side["runs"][-1]["actor_nodes"] == side["actor_nodes"] and side["rows"] == n
-
-
-def test_calibration_runs_on_both_nodes_too(ray_cluster, tiny_model_dir, tmp_path):
-    """classify --calibrate and jobs/calibrate.py: the trace actors spread over both nodes too, and
-    nothing they need (task, policy, demos) is read from a path on the driver's machine."""
+def test_two_actors_on_two_nodes_calibrate_and_label_every_row_once(ray_cluster, tiny_model_dir, tmp_path):
+    """classify --calibrate and jobs/calibrate.py with --actors 2: the trace and label actors spread
+    over both nodes, every row is written once (files of the same name in different folders too),
+    and nothing the actors need (task, policy, demos) is read from a path on the driver's machine."""
     n = write_inputs(tmp_path / "in", rows=100)
     demos = tmp_path / "driver-only" / "demos.jsonl"
     demos.parent.mkdir()
@@ -95,25 +79,17 @@ def test_calibration_runs_on_both_nodes_too(ray_cluster, tiny_model_dir, tmp_pat
     r = submit(ray_cluster, *common, "--calibrate", "120", "--output", out)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     table = read_output(out)
-    assert table.num_rows == n and len(set(table.column("id").to_pylist())) == n
-    assert sum(table.column("calibration").to_pylist()) == 120
-    assert set(json.loads((out / SIDECAR_NAME).read_text())["actor_nodes"]) == cluster_node_ids(ray_cluster)
-    # Every row (40 blocks of 10): with 12 blocks, the first actor to load its model could trace them
-    # all before the second was ready on a busy machine, and the test would say nothing about spreading.
-    r = submit(ray_cluster, *common, "--sample", str(n), "--output", tmp_path / "policy", job="jobs/calibrate.py")
+    ids = table.column("id").to_pylist()
+    assert table.schema == OUTPUT_SCHEMA and len(ids) == n and len(set(ids)) == n
+    assert {i.rsplit(":", 1)[0] for i in ids} == {f"shard{k % 2}/day{k // 2}/part-0.jsonl" for k in range(4)}
+    assert table.column("error").null_count == n and sum(table.column("calibration").to_pylist()) == 120
+    side = json.loads((out / SIDECAR_NAME).read_text())
+    assert set(side["actor_nodes"]) == cluster_node_ids(ray_cluster), r.stdout[-4000:]  # both nodes ran a model actor
+    assert side["runs"][-1]["actor_nodes"] == side["actor_nodes"] and side["rows"] == n
+    r = submit(ray_cluster, *common, "--sample", "120", "--output", tmp_path / "policy", job="jobs/calibrate.py")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     meta = json.loads((tmp_path / "policy" / "policy.json").read_text())["metadata"]
-    assert meta["calibration_size"] == n and set(meta["actor_nodes"]) == cluster_node_ids(ray_cluster)
-
-
-def test_the_default_model_runs_on_both_nodes(ray_cluster, tmp_path):
-    out = tmp_path / "out"
-    r = submit(ray_cluster, "--output", out, "--actors", "2", "--limit", "40", "--batch-size", "10")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    table = read_output(out)
-    assert table.num_rows == 40 and len(set(table.column("id").to_pylist())) == 40
-    assert set(table.column("label").to_pylist()) <= {"negative", "positive"}
-    assert len(set(json.loads((out / SIDECAR_NAME).read_text())["actor_nodes"])) == 2
+    assert meta["calibration_size"] == 120 and set(meta["actor_nodes"]) == cluster_node_ids(ray_cluster)
 
 
 def test_stop_stops_only_its_own_cluster(ray_cluster):

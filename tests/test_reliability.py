@@ -7,14 +7,15 @@
     untrusted files   no code runs from a policy or a model folder unless asked; nothing lands outside --output
     load              100,000+ rows stream through with bounded memory
 
-Most tests run the job in this process on the session's test cluster (ray_connected). Three run
-`python jobs/classify.py` as a user does: the bad-input cases (with RAY_ADDRESS pointing nowhere, so
-that reaching Ray would fail differently), the killed-and-resumed run and the load test (each of those
-starting its own local Ray, as a user's run does, in its own temp folder).
+Most tests run the job in this process on the session's test cluster (ray_connected); the bad-input
+cases run its main() with Ray out of reach. Two run `python jobs/classify.py` as a user does: the
+killed-and-resumed run and the load test, each starting its own local Ray, as a user's run does, in
+its own temp folder.
 """
 
-import concurrent.futures
+import contextlib
 import glob
+import io as io_module
 import json
 import os
 import pickle
@@ -24,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from unittest import mock
 
 import numpy as np
 import psutil
@@ -233,8 +236,9 @@ class Bomb:
 
 @pytest.fixture(scope="module")
 def bad_inputs(tiny_model_dir, tiny_policy_dir, tmp_path_factory):
-    """Every bad-input case, each a `python jobs/classify.py` run with RAY_ADDRESS pointing nowhere.
-    They start together, four at a time: each spends most of its time importing torch."""
+    """Every bad-input case, each jobs/classify.py's main() in this process with Ray out of reach:
+    reaching it raises. (As 14 `python jobs/classify.py` processes they took 42 s, mostly importing
+    torch; test_pipeline and test_dryrun run the same preflight as a process, exit code and all.)"""
     d = tmp_path_factory.mktemp("bad-inputs")
     good = d / "good.jsonl"
     write_jsonl(good, [{"id": f"g{i}", "text": t} for i, t in enumerate(review_texts(5))])
@@ -292,16 +296,26 @@ def bad_inputs(tiny_model_dir, tiny_policy_dir, tmp_path_factory):
         "unwritable output": (["--output", str(d / "a-file" / "out")], ["cannot write to output", "--output"]),
     }
 
+    def reached_ray():
+        raise AssertionError("a bad input reached Ray")
+
     def run(name):
         flags, _ = cases[name]
         base = {"--input": str(good), "--model": str(tiny_model_dir), "--policy": "full",
                 "--output": str(d / name.replace(" ", "-") / "out")}
         args = [a for k, v in base.items() if k not in flags for a in (k, v)] + flags
-        return subprocess.run([sys.executable, "jobs/classify.py", *args], cwd=ROOT, capture_output=True,
-                              text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})
+        stderr = io_module.StringIO()
+        # RAY_ADDRESS set: the job runs its preflight before joining Ray, as under `ray job submit`.
+        with mock.patch.dict(os.environ, {"RAY_ADDRESS": "127.0.0.1:1"}), \
+                mock.patch("adainfer_ray.job.cluster.init_ray", reached_ray), contextlib.redirect_stderr(stderr):
+            try:
+                returncode = classify_cli.main(args)
+            except Exception:  # noqa: BLE001 - reported by the case's own test, with its traceback
+                traceback.print_exc()
+                returncode = 1
+        return subprocess.CompletedProcess(args, returncode, "", stderr.getvalue())
 
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        results = dict(zip(cases, pool.map(run, cases)))
+    results = {name: run(name) for name in cases}
     return {"cases": cases, "results": results, "marker": marker, "dir": d}
 
 
