@@ -129,6 +129,12 @@ class EncodedBatch:
     truncated: list[bool]
 
 
+# What PromptEncoder.encode does to a text before tokenizing it, recorded in _run.json: a rerun that
+# would handle texts otherwise (as outputs written before the strip did) is refused, as for another
+# model or template, so one output never mixes two handlings. Change it with the handling.
+TEXT_HANDLING = "strip"
+
+
 class PromptEncoder:
     """Turns texts into token ids for one task and tokenizer, truncating long texts to fit."""
 
@@ -152,7 +158,7 @@ class PromptEncoder:
         return self.tokenizer(s, add_special_tokens=False)["input_ids"] if s else []
 
     def encode(self, texts: list[str]) -> EncodedBatch:
-        # Outer whitespace is file format, not content: "journey . " (SST-2's TSV) would put a lone " "
+        # (TEXT_HANDLING names what this does to a text before tokenizing it.) Outer whitespace is file format, not content: "journey . " (SST-2's TSV) would put a lone " "
         # token right before "\nSentiment:", where the answer is read. That one token moved the early
         # layers' confidence enough to break a policy calibrated on stripped text (SST-2 dev: 9.4% of
         # rows exited at layer 4 against 0.3% on the calibration's test part). The demos carry none.

@@ -8,7 +8,7 @@
   <output>/_quarantine/, never deleted. Any other failure to read (remote storage, permissions, a
   throttle, an expired credential) stops the run with one line: the file is not touched.
 - Whether the existing output may be continued at all: a run with another model (hash), policy,
-  task (fingerprint) or dtype would mix two kinds of labels in one table, so it is refused, naming
+  task (fingerprint), dtype or text handling would mix two kinds of labels in one table, so it is refused, naming
   both, unless --overwrite (which deletes the old output first).
 - The history: _run.json keeps one entry per run (`runs`), each with its own rows, time and device,
   so throughput is computed per run, not from all rows over the last run's time.
@@ -29,7 +29,10 @@ from adainfer_ray.schema import OUTPUT_SCHEMA, SIDECAR_NAME
 
 QUARANTINE = "_quarantine"
 POLICY_SUBDIR = "_policy"  # where classify --calibrate keeps its policy, inside --output
-IDENTITY_KEYS = ("model_hash", "policy_fingerprint", "task_fingerprint", "dtype")
+IDENTITY_KEYS = ("model_hash", "policy_fingerprint", "task_fingerprint", "dtype", "text_handling")
+# Outputs written before texts were stripped of outer whitespace (prompts.TEXT_HANDLING) record no
+# handling: theirs was the text as it came.
+BEFORE_TEXT_HANDLING = {"text_handling": "as-is"}
 
 
 class ResumeError(io.InputError):
@@ -169,6 +172,8 @@ def check_same_run(output: str, identity: dict, overwrite: bool, log=print) -> d
 
 def refuse_other_run(output: str, previous: dict | None, identity: dict) -> None:
     """Raise, naming both values, where `identity` (any of IDENTITY_KEYS) differs from `previous`."""
+    if previous and "model_hash" in previous:  # written by this job: what it did not record, it did as before
+        previous = {**BEFORE_TEXT_HANDLING, **previous}
     diff = [f"{k} {previous.get(k)!r} there, {identity[k]!r} now" for k in IDENTITY_KEYS
             if previous and k in previous and k in identity and previous.get(k) != identity[k]]
     if diff:

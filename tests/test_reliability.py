@@ -631,6 +631,19 @@ def test_a_rerun_with_another_policy_refuses_unless_overwrite(ray_connected, tin
     assert run["policy_fingerprint"] != first["policy_fingerprint"]
 
 
+def test_a_rerun_that_would_handle_texts_otherwise_refuses(ray_connected, tiny_model_dir, tmp_path):
+    """An output written before texts were stripped of outer whitespace records no text handling:
+    continuing it now would label half its rows from other prompts, so the rerun is refused."""
+    write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "text": t + " "} for i, t in enumerate(review_texts(30))])
+    first, _ = job(tiny_model_dir, tmp_path, tmp_path / "in.jsonl", limit=10)
+    assert first["text_handling"] == "strip"
+    side = tmp_path / "out" / SIDECAR_NAME
+    side.write_text(json.dumps({k: v for k, v in json.loads(side.read_text()).items() if k != "text_handling"}))
+    with pytest.raises(ResumeError, match="text_handling 'as-is' there, 'strip' now"):
+        job(tiny_model_dir, tmp_path, tmp_path / "in.jsonl")
+    assert read_output(tmp_path / "out").num_rows == 10  # nothing was touched
+
+
 def test_throughput_counts_each_run_with_its_own_rows_and_time():
     from adainfer_ray.report import summarize_throughput
 

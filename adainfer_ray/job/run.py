@@ -16,6 +16,7 @@ from adainfer_ray.job.config import JobConfig, JobError
 from adainfer_ray.job.dataset import estimate_rows, read_dataset, write_output
 from adainfer_ray.job.plan import run_precision, warn_on_precision
 from adainfer_ray.job.progress import ProgressReporter
+from adainfer_ray.prompts import TEXT_HANDLING
 from adainfer_ray.job.sampling import corpus_audit_rate
 from adainfer_ray.schema import SIDECAR_NAME
 
@@ -125,7 +126,8 @@ def _start(cfg: JobConfig, log, timeline: dict):
     def who_writes(plan):
         # Who writes this output: a rerun that would mix labels of two kinds is refused (resume.py), before
         # Ray as far as the flags tell: the dtype waits for the cluster, a --calibrate policy for calibration.
-        identity = {"model_hash": plan.model_hash, "task_fingerprint": plan.task.fingerprint()}
+        identity = {"model_hash": plan.model_hash, "task_fingerprint": plan.task.fingerprint(),
+                    "text_handling": TEXT_HANDLING}
         if not cfg.calibrate:
             identity["policy_fingerprint"] = resume.policy_fingerprint(plan.policy)
         return identity, resume.check_same_run(cfg.output, identity, cfg.overwrite, log)
