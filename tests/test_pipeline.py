@@ -161,6 +161,8 @@ def test_ray_job_submit_against_a_real_cluster(ray_cluster, tiny_model_dir, tmp_
                        "--output", out, address=ray_cluster["dashboard"])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-1500:]
     assert "succeeded" in (r.stdout + r.stderr).lower()
+    # The job's own progress lines, not Ray Data's block of operator states that a log gets every 10 s
+    assert "progress: 60 of 60 rows (100.0%)" in r.stdout and "logging_progress" not in r.stdout + r.stderr, r.stdout
     table = read_output(out)
     assert table.num_rows == 60 and table.schema == OUTPUT_SCHEMA
     assert set(table.column("label").to_pylist()) <= {"negative", "positive"}

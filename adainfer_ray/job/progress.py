@@ -1,18 +1,24 @@
 """Progress a person can read wherever the job runs: a driver-side thread that prints, every few
 seconds, rows done of the total, rows/s, time left, layers skipped and error rows so far.
 
-Ray Data's own bars need a terminal; under `ray job submit` the log only shows `Total Progress:
-256/?`. These lines are plain log lines, printed beside the bars on a terminal and alone in a job's
-log. The counts come from the run-state actor (runstate.RunState.add_rows), which every model actor
+Ray Data's own bars need a terminal; under `ray job submit` it logs operator states every 10 s
+instead, which these lines replace there. They are plain log lines, printed beside the bars on a
+terminal and alone in a job's log. The counts come from the run-state actor (runstate.RunState.add_rows), which every model actor
 tells after each batch it labeled; reading them costs one small actor call per line.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
 from adainfer_ray.report.text import fmt_n, fmt_pct
+
+
+# Off a terminal (a `ray job submit` log), Ray Data stands in for its bars with a block of operator
+# states every 10 s (logging_progress.py), which buries these lines: quieted while they print.
+RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 
 
 def duration_text(seconds: float) -> str:
@@ -75,6 +81,9 @@ class ProgressReporter:
             self._started = time.perf_counter()
             self._thread = threading.Thread(target=self._loop, name="adainfer-progress", daemon=True)
             self._thread.start()
+            ray_data_log = logging.getLogger(RAY_DATA_PROGRESS_LOGGER)
+            self._ray_data_level = ray_data_log.level
+            ray_data_log.setLevel(logging.WARNING)
         return self
 
     def __exit__(self, *exc):
@@ -82,5 +91,6 @@ class ProgressReporter:
             return
         self._stop.set()
         self._thread.join()
+        logging.getLogger(RAY_DATA_PROGRESS_LOGGER).setLevel(self._ray_data_level)
         if exc[0] is None:  # the last line: what this run labeled, in all
             self.log(progress_line(self._counts(), self.total, time.perf_counter() - self._started, self.exact))
