@@ -36,8 +36,8 @@ def parse_args(argv=None):
                    help="policy folder (local or fsspec URI) to write; default: policies/<model>-<task>")
     g.add_argument("--refit", default=None, metavar="FOLDER",
                    help="refit from the trace an earlier calibration kept in FOLDER (FOLDER/trace.safetensors) "
-                        "with this run's --epsilon/--delta/--promise/--seed: no model, no Ray, seconds; writes "
-                        "to --output (default: FOLDER itself); the input, task and model flags are not used")
+                        "with this run's --epsilon/--delta/--promise/--fit-fraction/--seed: no model, no Ray, seconds; "
+                        "writes to --output (default: FOLDER itself); the input, task and model flags are not used")
     cli.add_calibration_args(p)
     cli.add_scale_args(p)
     a = p.parse_args(argv)
@@ -56,8 +56,10 @@ def refit(a, folder: str, command: str) -> int:
         raise JobError("--epsilon and --delta must be between 0 and 1")
     if a.promise not in PROMISES:
         raise JobError(f"--promise must be one of {', '.join(PROMISES)}")
+    if not 0 < a.fit_fraction < 1:
+        raise JobError("--fit-fraction must be between 0 and 1 (e.g. 0.3)")
     result = refit_policy(a.refit, folder, a.epsilon, a.delta, a.promise, seed=a.seed, command=command,
-                          prior=a.prior)
+                          prior=a.prior, fit_fraction=a.fit_fraction)
     print(result.summary["message"])
     print(f"policy: {folder}  (use it with: python jobs/classify.py --policy {folder} ...)")
     return 0

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from adainfer_ray import cli
+from adainfer_ray.calibrate import DEFAULT_FIT_FRACTION
 from adainfer_ray.engine import EarlyExitEngine
 from adainfer_ray.flops import ModelDims
 from adainfer_ray.job.actor import trace_features
@@ -102,10 +103,14 @@ def test_refit_makes_a_policy_per_promise_from_the_trace_without_the_model(saved
     policy = ExitPolicy.load(tmp_path / "acc")
     assert policy.promise["promise"] == "accuracy" and policy.promise["epsilon"] == 0.1
     assert policy.metadata["refit_from"] == str(tmp_path / "first")
-    r = run_job("jobs/calibrate.py", "--refit", str(tmp_path / "first"), "--epsilon", "0.2",
+    r = run_job("jobs/calibrate.py", "--refit", str(tmp_path / "first"), "--epsilon", "0.2", "--fit-fraction", "0.5",
                 "--output", str(tmp_path / "agr"))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert ExitPolicy.load(tmp_path / "agr").promise["promise"] == "agreement"
+    agreement = ExitPolicy.load(tmp_path / "agr")
+    assert agreement.promise["promise"] == "agreement" and policy.metadata["fit_fraction"] == DEFAULT_FIT_FRACTION
+    assert agreement.metadata["fit_fraction"] == 0.5 and agreement.metadata["fit_size"] == 300  # of the 600 rows
+    r = run_job("jobs/calibrate.py", "--refit", str(tmp_path / "first"), "--fit-fraction", "1")
+    assert r.returncode == 2 and "--fit-fraction must be between 0 and 1" in r.stderr
 
 
 def test_refit_without_a_trace_or_without_gold_says_so_in_one_line(saved_trace, tmp_path):

@@ -79,14 +79,14 @@ def calibrate_policy(cfg: JobConfig, plan: Plan, ray, res: Resources, folder: st
     saved = SavedTrace(trace, gold, groups if cfg.group_column else None, plan.dims, plan.prefix_tokens,
                        len(plan.task.labels), _provenance(cfg, plan, ray, res, seen, command, run_state))
     save_trace(folder, saved)  # first: a fit that fails can be redone from it (refit_policy)
-    result = _fit(saved, cfg.epsilon, cfg.delta, cfg.promise, cfg.seed, plan.prior, log)
+    result = _fit(saved, cfg.epsilon, cfg.delta, cfg.promise, cfg.seed, plan.prior, log, cfg.fit_fraction)
     _write_policy(result, folder)
     log(f"calibration: policy, report and the sample's trace written to {folder}")
     return Calibration(result.policy, folder, result, sample_rows, seen)
 
 
 def refit_policy(trace_folder: str, folder: str, epsilon: float, delta: float, promise: str, seed: int = 0,
-                 command: str = "", log=print, prior: str = "default"):
+                 command: str = "", log=print, prior: str = "default", fit_fraction: float = JobConfig.fit_fraction):
     """jobs/calibrate.py --refit: fit and test a policy again from the trace an earlier calibration
     wrote in `trace_folder`, with another epsilon/delta/promise, into `folder` (no model, no Ray).
     Returns the calibrate.CalibrationResult."""
@@ -96,13 +96,15 @@ def refit_policy(trace_folder: str, folder: str, epsilon: float, delta: float, p
                        "calibrate again with --label-column, or use --promise agreement")
     saved.provenance.update(refit_from=trace_folder, created_by=command or saved.provenance.get("created_by"),
                             prior=prior)
-    result = _fit(saved, epsilon, delta, promise, seed, calibration_prior(prior, saved.provenance, promise, log), log)
+    result = _fit(saved, epsilon, delta, promise, seed, calibration_prior(prior, saved.provenance, promise, log), log,
+                  fit_fraction)
     _write_policy(result, folder)
     log(f"refit: policy and report written to {folder}")
     return result
 
 
-def _fit(saved: SavedTrace, epsilon: float, delta: float, promise: str, seed: int, prior, log):
+def _fit(saved: SavedTrace, epsilon: float, delta: float, promise: str, seed: int, prior, log,
+         fit_fraction: float):
     """The one fit (calibrate.calibrate) of a traced sample, for a fresh calibration and a refit alike.
     prior: job.plan.calibration_prior's policy, or None."""
     from adainfer_ray import calibrate as cal
@@ -110,7 +112,8 @@ def _fit(saved: SavedTrace, epsilon: float, delta: float, promise: str, seed: in
     gold = saved.gold if (saved.gold >= 0).any() else None
     return cal.calibrate(saved.trace, saved.dims, saved.prefix_tokens, saved.num_labels, epsilon=epsilon,
                          delta=delta, seed=seed, gold=gold, groups=saved.groups, promise=promise,
-                         provenance=saved.provenance, log=lambda m: log("  " + m), prior=prior)
+                         fit_fraction=fit_fraction, provenance=saved.provenance, log=lambda m: log("  " + m),
+                         prior=prior)
 
 
 def _collect_traces(traced, plan: Plan):

@@ -14,7 +14,7 @@ import argparse
 
 import numpy as np
 
-from adainfer_ray.calibrate import calibrate
+from adainfer_ray.calibrate import DEFAULT_FIT_FRACTION, calibrate
 from adainfer_ray.exits import exit_answers, simulate_exits
 from adainfer_ray.features import top2
 from adainfer_ray.job.trace_file import load_trace
@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--calibrate", type=int, default=1000)
     ap.add_argument("--epsilon", type=float, default=0.02)
+    ap.add_argument("--fit-fraction", type=float, default=DEFAULT_FIT_FRACTION)
     args = ap.parse_args()
     saved = load_trace(args.trace_folder)
     groups = saved.groups if saved.groups is not None else np.arange(len(saved.gold))
@@ -59,7 +60,8 @@ def main() -> None:
         rest = np.setdiff1d(rows, cal)
         sub = lambda idx: {k: v[idx] for k, v in saved.trace.items()}  # noqa: E731
         res = calibrate(sub(cal), saved.dims, saved.prefix_tokens, saved.num_labels, epsilon=args.epsilon,
-                        gold=saved.gold[cal], groups=groups[cal], seed=d, log=lambda *_: None)
+                        gold=saved.gold[cal], groups=groups[cal], seed=d, fit_fraction=args.fit_fraction,
+                        log=lambda *_: None)
         skipped, changed = replay(res.policy, sub(rest), L)
         results.append((skipped, changed / len(rest)))
         print(f"draw {d}: {res.policy.features} `{res.summary.get('rule')}`, min_layer {res.summary.get('min_layer')}: "
