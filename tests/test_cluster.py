@@ -92,6 +92,16 @@ def test_two_actors_on_two_nodes_calibrate_and_label_every_row_once(ray_cluster,
     assert meta["calibration_size"] == 120 and set(meta["actor_nodes"]) == cluster_node_ids(ray_cluster)
 
 
+def test_the_default_model_runs_on_both_nodes(ray_cluster, tmp_path):
+    out = tmp_path / "out"
+    r = submit(ray_cluster, "--output", out, "--actors", "2", "--limit", "40", "--batch-size", "10")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    table = read_output(out)
+    assert table.num_rows == 40 and len(set(table.column("id").to_pylist())) == 40
+    assert set(table.column("label").to_pylist()) <= {"negative", "positive"}
+    assert len(set(json.loads((out / SIDECAR_NAME).read_text())["actor_nodes"])) == 2
+
+
 def test_stop_stops_only_its_own_cluster(ray_cluster):
     state = tempfile.mkdtemp(prefix="rc2-", dir="/tmp")
     env = {**os.environ, "ADAINFER_CLUSTER_STATE": state}
