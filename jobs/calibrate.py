@@ -57,7 +57,7 @@ def refit(a, folder: str, command: str) -> int:
     if a.promise not in PROMISES:
         raise JobError(f"--promise must be one of {', '.join(PROMISES)}")
     if not 0 < a.fit_fraction < 1:
-        raise JobError("--fit-fraction must be between 0 and 1 (e.g. 0.3)")
+        raise JobError("--fit-fraction must be between 0 and 1 (e.g. 0.4)")
     result = refit_policy(a.refit, folder, a.epsilon, a.delta, a.promise, seed=a.seed, command=command,
                           prior=a.prior, fit_fraction=a.fit_fraction)
     print(result.summary["message"])

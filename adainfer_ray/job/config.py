@@ -43,7 +43,7 @@ class JobConfig:
     delta: float = 0.05
     promise: str = "agreement"  # what epsilon bounds: "agreement" with full depth, or "accuracy" lost (gold labels)
     prior: str = "default"  # calibration: a rule learned elsewhere joins the candidates ("default", "none", a folder)
-    fit_fraction: float = 0.3  # calibration: the sample's share that chooses the rule (calibrate.DEFAULT_FIT_FRACTION)
+    fit_fraction: float = 0.4  # calibration: the sample's share that chooses the rule (calibrate.DEFAULT_FIT_FRACTION)
     audit_fraction: float = 0.01
     audit_rows: int = 300  # at least this many rows audited (all of a smaller corpus)
     on_drift: str = "full"  # once the online audit shows the promise broken: full, stop or warn
@@ -101,7 +101,7 @@ def check_input(cfg: JobConfig) -> CheckedInput:
               (cfg.limit is None or cfg.limit >= 0, "--limit must be at least 0"),
               (cfg.calibrate >= 0, "--calibrate takes a number of rows (e.g. 2000)"),
               (0 < cfg.epsilon < 1 and 0 < cfg.delta < 1, "--epsilon and --delta must be between 0 and 1"),
-              (0 < cfg.fit_fraction < 1, "--fit-fraction must be between 0 and 1 (e.g. 0.3)"),
+              (0 < cfg.fit_fraction < 1, "--fit-fraction must be between 0 and 1 (e.g. 0.4)"),
               (cfg.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}"),
               (cfg.promise in PROMISES, f"--promise must be one of {', '.join(PROMISES)}"),
               # an accuracy promise is calibrated on gold labels: without them there is nothing to measure
