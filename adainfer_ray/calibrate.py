@@ -52,8 +52,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from adainfer_ray.choice import choose_rule, fit_tolerates, flops_saved_share, item_losses, rule_outcomes, tolerated_rate
-from adainfer_ray.exits import exit_costs
+from adainfer_ray.choice import choose_rule, fit_tolerates, item_losses, tolerated_rate
+from adainfer_ray.exits import exit_costs, flops_saved_share, rule_outcomes
 from adainfer_ray.features import DEFAULT_CANDIDATE_MODES, FEATURE_MODES, top2
 from adainfer_ray.flops import ModelDims
 from adainfer_ray.policy import ExitPolicy

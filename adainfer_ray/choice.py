@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adainfer_ray.exits import exit_answers, simulate_exits
+from adainfer_ray.exits import item_flops_saved, rule_decisions, rule_outcomes
 from adainfer_ray.policy import ExitPolicy
-from adainfer_ray.rules import candidate_rules, candidate_thresholds, decision_values
+from adainfer_ray.rules import candidate_rules, candidate_thresholds
 from adainfer_ray.stats import NUISANCE_SHARE, largest_accepted_count, paired_pvalue
 
 # ----------------------------------------------------------------------------------------------
@@ -83,29 +83,6 @@ class Candidate:
         ok = tolerates(self.item_losses[draw][scored])
         saved = self.item_saved[draw].sum(0) / self.item_full[draw].sum()
         return float(saved[ok].max()) if ok.any() else 0.0
-
-
-def rule_decisions(policy, idx, labels, top, gap):
-    """The rule's scores [m, L] of items idx, in chunks (bounded memory for RBF SVMs)."""
-    chunks = np.array_split(idx, max(1, len(idx) // 1000))
-    return np.concatenate([decision_values(policy, top[c], gap[c], labels[c]) for c in chunks])
-
-
-def rule_outcomes(policy, thresholds, idx, labels, top, gap, final, dec=None):
-    """Exit layers [m, K] and exit answers [m, K] of items idx at every threshold."""
-    dec = rule_decisions(policy, idx, labels, top, gap) if dec is None else dec
-    exits = simulate_exits(dec, thresholds, policy.min_layer)
-    return exits, exit_answers(exits, labels[idx], final[idx])
-
-
-def item_flops_saved(exits, used, full_reuse):
-    """FLOPs each item saves [m, K] at its exits [m, K], with per-exit cost used [m, L] and baseline [m]."""
-    return full_reuse[:, None] - np.take_along_axis(used, exits - 1, 1)
-
-
-def flops_saved_share(exits, used, full_reuse):
-    """FLOPs saved [K] by the exits [m, K] of items with per-exit cost used [m, L] and baseline [m]."""
-    return item_flops_saved(exits, used, full_reuse).sum(0) / full_reuse.sum()
 
 
 def fit_value(rule, features, ctx, fit_idx, scored_fit, num_thresholds, source="fit") -> Candidate:

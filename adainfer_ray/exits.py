@@ -1,7 +1,7 @@
 """Exits simulated from a full-depth trace: where the engine would stop each item for a rule and
 threshold, what it would answer there, and what every possible exit costs in FLOPs.
 
-Calibration (calibrate.py) reads exits from here instead of running the model once per
+Calibration (calibrate.py, choice.py) reads exits from here instead of running the model once per
 candidate; `tests/test_calibrate.py` checks that the engine stops where these functions say.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from adainfer_ray.flops import ModelDims, item_flops
+from adainfer_ray.rules import decision_values
 
 
 
@@ -59,3 +60,30 @@ def exit_costs(dims: ModelDims, prefix_tokens: int, item_tokens, mode: str, num_
             used[u, e - 1] = f["used"]
         full[u], full_reuse[u] = f["full"], f["full_reuse"]
     return used[inverse], full[inverse], full_reuse[inverse]
+
+
+# ----------------------------------------------------------------------------------------------
+# One rule over a trace: its scores, exits, answers and FLOPs saved (calibration's fit and test parts)
+
+
+def rule_decisions(policy, idx, labels, top, gap):
+    """The rule's scores [m, L] of items idx, in chunks (bounded memory for RBF SVMs)."""
+    chunks = np.array_split(idx, max(1, len(idx) // 1000))
+    return np.concatenate([decision_values(policy, top[c], gap[c], labels[c]) for c in chunks])
+
+
+def rule_outcomes(policy, thresholds, idx, labels, top, gap, final, dec=None):
+    """Exit layers [m, K] and exit answers [m, K] of items idx at every threshold."""
+    dec = rule_decisions(policy, idx, labels, top, gap) if dec is None else dec
+    exits = simulate_exits(dec, thresholds, policy.min_layer)
+    return exits, exit_answers(exits, labels[idx], final[idx])
+
+
+def item_flops_saved(exits, used, full_reuse):
+    """FLOPs each item saves [m, K] at its exits [m, K], with per-exit cost used [m, L] and baseline [m]."""
+    return full_reuse[:, None] - np.take_along_axis(used, exits - 1, 1)
+
+
+def flops_saved_share(exits, used, full_reuse):
+    """FLOPs saved [K] by the exits [m, K] of items with per-exit cost used [m, L] and baseline [m]."""
+    return item_flops_saved(exits, used, full_reuse).sum(0) / full_reuse.sum()

@@ -15,10 +15,9 @@ import argparse
 import numpy as np
 
 from adainfer_ray.calibrate import DEFAULT_FIT_FRACTION, calibrate
-from adainfer_ray.exits import exit_answers, simulate_exits
+from adainfer_ray.exits import rule_outcomes
 from adainfer_ray.features import top2
 from adainfer_ray.job.trace_file import load_trace
-from adainfer_ray.rules import decision_values
 
 
 def whole_groups(groups: np.ndarray, candidates: np.ndarray, size: int, rng) -> np.ndarray:
@@ -36,9 +35,9 @@ def replay(policy, trace: dict, L: int) -> tuple[float, int]:
         labels, top, gap = top2(policy.probes_.predict_proba(trace["hidden"]))
     else:
         labels, top, gap = (trace[f"{policy.features}_{k}"] for k in ("label", "top", "gap"))
-    exits = simulate_exits(decision_values(policy, top, gap, labels), [policy.threshold], policy.min_layer)
-    answers = exit_answers(exits, labels, trace["final_label"])[:, 0]
-    return float((L - exits[:, 0]).mean() / L), int((answers != trace["final_label"]).sum())
+    rows = np.arange(len(labels))
+    exits, answers = rule_outcomes(policy, [policy.threshold], rows, labels, top, gap, trace["final_label"])
+    return float((L - exits[:, 0]).mean() / L), int((answers[:, 0] != trace["final_label"]).sum())
 
 
 def main() -> None:
