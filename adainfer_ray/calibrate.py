@@ -131,8 +131,12 @@ def prior_rule(prior: ExitPolicy | None, trace: dict, log):
     this trace. None when there is no prior, it never exits, or the trace lacks what it reads."""
     if prior is None or prior.never_exits:
         return None, None
-    readable = trace.get("hidden") is not None if prior.features == "probe" else f"{prior.features}_label" in trace
-    if not readable or (prior.features == "probe" and prior.probes_ is None):
+    if prior.features == "probe":  # probes on the label logits too need a trace that holds them
+        readable = (prior.probes_ is not None and trace.get("hidden") is not None
+                    and trace["hidden"].shape[-1] >= prior.probes_.coef_.shape[-1])
+    else:
+        readable = f"{prior.features}_label" in trace
+    if not readable:
         log(f"  prior: skipped (the trace lacks its {prior.features} features)")
         return None, None
     rule = with_threshold(prior, 0.0, {"prior_name": (prior.metadata or {}).get("prior_name")})
@@ -226,7 +230,9 @@ def calibrate(trace: dict, dims: ModelDims, prefix_tokens: int, num_labels: int,
     fixed_C = None if probe_C == "auto" else probe_C
     if "probe" in modes:
         log("fitting per-layer probes (cross-fitted on the fit part)...")
-        probes, probe_proba, probe_C = probe_features(trace["hidden"], final, fit_idx, num_labels, C=probe_C, seed=seed)
+        lens_columns = trace["hidden"].shape[-1] - dims.hidden  # the label head's logits (features.probe_input)
+        probes, probe_proba, probe_C = probe_features(trace["hidden"], final, fit_idx, num_labels, C=probe_C,
+                                                      seed=seed, lens_columns=lens_columns)
         log(f"  probes: L2 strength C = {probe_C:g}"
             + (" (of the grid, the lowest cross-fitted log-loss on the fit part)" if fixed_C is None else " (as given)"))
     cost_cache = {}

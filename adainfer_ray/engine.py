@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from adainfer_ray.features import FEATURE_MODES, ExitFeatures, top2
+from adainfer_ray.features import FEATURE_MODES, ExitFeatures, probe_input, top2
 from adainfer_ray.flops import ModelDims, item_flops
 from adainfer_ray.models import Packed
 from adainfer_ray.policy import ExitPolicy
@@ -308,8 +308,9 @@ class EarlyExitEngine:
         label_label, label_top, label_gap [n, L] always (the label head is a few rows: it gives the
         model's own answer too); with "vocab" also vocab_label, vocab_top, vocab_gap [n, L] (a
         full-vocabulary head at every layer: the costly one, so only when asked); with "probe" hidden
-        [n, L, D] (final-normed last-token states, computed in the model's dtype and stored as
-        float32: exactly what the engine's probes read in production)."""
+        [n, L, D + K] (features.probe_input: final-normed last-token states and the label head's
+        logits on them, computed in the model's dtype and stored as float32: exactly what the
+        engine's probes read in production)."""
         unknown = set(modes) - set(FEATURE_MODES)
         if unknown:
             raise ValueError(f"unknown feature modes {sorted(unknown)}: choose from {FEATURE_MODES}")
@@ -331,16 +332,18 @@ class EarlyExitEngine:
             idx = np.array([it.index for it in batch])
             for k in range(L):
                 x = self.lm.final_norm(self._run_layer(k, batch))  # [B, D]
+                label_logits = self.lm.head_rows(x, label_ids)  # [B, K]
                 if keep_hidden:
+                    inputs = probe_input(x, label_logits)  # [B, D + K]
                     if rec["hidden"] is None:
-                        rec["hidden"] = np.zeros((n, L, x.shape[-1]), np.float32)
-                    rec["hidden"][idx, k] = x.float().cpu().numpy()
+                        rec["hidden"] = np.zeros((n, L, inputs.shape[-1]), np.float32)
+                    rec["hidden"][idx, k] = inputs.cpu().numpy()
                 if "vocab" in heads:
                     logits = self.lm.head(x).float()
                     _, top, gap = top2(torch.softmax(logits, -1))
                     lab, _, _ = top2(torch.softmax(logits[:, label_ids], -1))
                     rec["vocab_label"][idx, k], rec["vocab_top"][idx, k], rec["vocab_gap"][idx, k] = _host(lab, top, gap)
-                probs = torch.softmax(self.lm.head_rows(x, label_ids).float(), -1)  # [B, K]
+                probs = torch.softmax(label_logits.float(), -1)  # [B, K]
                 lab, top, gap = top2(probs)
                 rec["label_label"][idx, k], rec["label_top"][idx, k], rec["label_gap"][idx, k] = _host(lab, top, gap)
             rec["final_probs"][idx] = probs.cpu().numpy()

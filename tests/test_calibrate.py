@@ -288,6 +288,25 @@ def test_probe_strength_is_chosen_on_the_fit_part_by_cross_fitted_log_loss():
     assert probes.probe_features(x, (x[:, 0, 0] > 0).astype(int), np.arange(40), 2, C=0.5)[2] == 0.5  # as given
 
 
+def test_the_label_logits_cost_the_probes_less_than_the_state_columns():
+    """probe_input ends with the label head's logits: a probe may lean on the model's own answer
+    direction at a fraction of the penalty, so few items in many dimensions find it anyway."""
+    rng = np.random.default_rng(2)
+    n, dims = 80, 300
+    x = rng.normal(size=(2 * n, 1, dims + 1)).astype(np.float32)  # [n, L, D + 1]: the last column is the "logit"
+    y = (x[:, 0, -1] + 0.3 * rng.normal(size=2 * n) > 0).astype(int)
+    fit, held = np.arange(n), np.arange(n, 2 * n)
+
+    def held_out_log_loss(lens_columns):
+        p = probes.fit_probes(x[fit], y[fit], 2, C=0.003, lens_columns=lens_columns).predict_proba(x[held])[:, 0]
+        return -np.log(p[np.arange(n), y[held]]).mean()
+
+    assert held_out_log_loss(1) < 0.8 * held_out_log_loss(0)
+    # the scaling is folded back: the probes apply to raw inputs, as the engine feeds them
+    fitted = probes.fit_probes(x[fit], y[fit], 2, C=0.003, lens_columns=1)
+    assert abs(fitted.coef_[0, 1, -1] - fitted.coef_[0, 0, -1]) > 10 * np.abs(fitted.coef_[0, :, :-1]).max()
+
+
 def _candidate(saved_per_item, history):
     """A fit-part candidate whose items save saved_per_item [m] at one threshold, with no loss."""
     rule = ExitPolicy(features="probe", kernel="linear", history=history)
@@ -345,6 +364,11 @@ def test_a_prior_rule_joins_the_candidates_and_is_tested_like_any_other(tiny_tra
     assert s["prior"]["chosen"] == (best["mode"] == "prior")
     assert s["guaranteed"] and s["agreement"] >= 1 - 0.2  # whichever won, only its thresholds were tested
     assert {r["rule"] for r in result.rows} == {s["rule"]}
+
+    # A trace from before the label logits joined the probes' input cannot feed this prior's probes
+    old_trace = {**part(here), "hidden": trace["hidden"][here][..., : dims.hidden]}
+    logged = []
+    assert cal.prior_rule(prior, old_trace, logged.append) == (None, None) and "prior: skipped" in logged[0]
 
     # As the prior: its probes and weights, not the fit part's; round trip and engine agree
     forced = cal.calibrate(part(here), dims, len(prefix), len(LABEL_IDS), epsilon=0.2, prior=prior,

@@ -69,7 +69,8 @@ def test_each_feature_mode_matches_a_direct_computation(tiny_llama, mode):
                 p = torch.softmax(tiny_llama.head(normed)[LABEL_IDS], -1)
                 expect_label = int(p.argmax())
             else:
-                p = torch.tensor(policy.probes_.predict_proba(normed.numpy()[None, None].repeat(L, 1))[0, k])
+                inputs = torch.cat([normed, tiny_llama.head(normed)[LABEL_IDS]]).numpy()  # state, then label logits
+                p = torch.tensor(policy.probes_.predict_proba(inputs[None, None].repeat(L, 1))[0, k])
                 expect_label = int(p.argmax())
             s = p.sort(descending=True).values
             assert int(label) == expect_label
@@ -196,14 +197,33 @@ def test_length_batches_is_the_engines_step_rule():
     assert [b for layer, b in calls if layer == 0] == [len(b) for b in batches]
 
 
-def test_trace_keeps_float32_hidden_states_the_probes_read(tiny_llama):
+def test_trace_keeps_float32_hidden_states_and_label_logits_the_probes_read(tiny_llama):
     tr = EarlyExitEngine(tiny_llama, LABEL_IDS).trace(random_items(5, seed=21))
     assert tr["hidden"].dtype == np.float32
     x = random_items(5, seed=21)[0]
     with torch.no_grad():
         hs = tiny_llama.model(torch.tensor([x]), output_hidden_states=True).hidden_states
         expect = tiny_llama.final_norm(hs[1][0, -1]).numpy()
-    np.testing.assert_allclose(tr["hidden"][0, 0], expect, atol=1e-5)
+        label_logits = tiny_llama.head(tiny_llama.final_norm(hs[1][0, -1]))[LABEL_IDS].numpy()
+    D = expect.shape[-1]
+    assert tr["hidden"].shape[-1] == D + len(LABEL_IDS)  # features.probe_input: the state, then the label logits
+    np.testing.assert_allclose(tr["hidden"][0, 0, :D], expect, atol=1e-5)
+    np.testing.assert_allclose(tr["hidden"][0, 0, D:], label_logits, atol=1e-4)
+
+
+def test_probes_fitted_on_the_state_alone_still_run(tiny_llama):
+    """A policy calibrated before the label logits joined the probes' input reads x alone."""
+    items = random_items(20, seed=22)
+    tr = EarlyExitEngine(tiny_llama, LABEL_IDS).trace(items)
+    D = tr["hidden"].shape[-1] - len(LABEL_IDS)
+    policy = ExitPolicy(features="probe", kernel="rbf")
+    policy.probes_ = LinearProbes(C=1e-2).fit(tr["hidden"][..., :D], tr["final_label"], len(LABEL_IDS))
+    eng = EarlyExitEngine(tiny_llama, LABEL_IDS, policy)
+    with torch.no_grad():
+        hs = tiny_llama.model(torch.tensor([items[0]]), output_hidden_states=True).hidden_states
+        _, top, _, _, _ = eng.features(2, hs[3][:, -1])
+    expect = policy.probes_.predict_proba(tr["hidden"][:1])[0, 2].max()  # reads the state columns only
+    assert float(top) == pytest.approx(float(expect), abs=1e-5)
 
 
 def test_trace_computes_only_the_modes_asked(tiny_llama):

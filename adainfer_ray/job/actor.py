@@ -16,7 +16,7 @@ from adainfer_ray.job.config import JobConfig
 from adainfer_ray.job.sampling import audit_mask
 from adainfer_ray.schema import OUTPUT_SCHEMA
 
-# The per-layer exit features a trace can hold ([L] per row; hidden: [L, D]), as the engine's trace names them.
+# The per-layer exit features a trace can hold ([L] per row; hidden: [L, D + K], features.probe_input), as the engine's trace names them.
 TRACE_FEATURES = ("hidden", "vocab_label", "vocab_top", "vocab_gap", "label_label", "label_top", "label_gap")
 
 

@@ -176,7 +176,7 @@ def _write_policy(result, folder: str) -> None:
 
 def _trace_column(column, num_layers: int) -> np.ndarray:
     """A trace column (one list per row, all of one length) back to numpy: [n, L] per-layer values,
-    [n, L, D] hidden states, [n] item token counts."""
+    [n, L, D + K] probe inputs (hidden), [n] item token counts."""
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     values = column.flatten().to_numpy(zero_copy_only=False)
     n = len(column)
