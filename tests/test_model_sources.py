@@ -196,6 +196,21 @@ def test_fingerprint_is_cached_and_follows_the_weights(tiny_model_dir, tmp_path,
     assert model_fingerprint(folder) != first
 
 
+def test_fingerprint_ignores_which_transformers_wrote_the_config(tiny_model_dir, tmp_path, own_cache):
+    """A model converted or re-saved under another transformers release keeps its policies; a
+    change to what the config says of the model does not."""
+    def copy_with(name, **changes):
+        folder = tmp_path / name
+        shutil.copytree(tiny_model_dir, folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **changes}, indent=1))
+        return folder
+
+    first = model_fingerprint(tiny_model_dir)
+    assert model_fingerprint(copy_with("newer", transformers_version="9.99.0")) == first
+    assert model_fingerprint(copy_with("other", rms_norm_eps=1e-3)) != first
+
+
 def test_dtype_choice_and_its_validation(tiny_model_dir):
     assert pick_device("cpu") == (torch.device("cpu"), torch.float32)
     assert pick_device("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)

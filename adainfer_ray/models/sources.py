@@ -240,6 +240,25 @@ def _weight_files(model_dir: Path) -> list[str]:
     return sorted(n for n in os.listdir(model_dir) if n == "config.json" or n.endswith((".safetensors", ".bin")))
 
 
+# config.json keys that say which library wrote the file, not what the model is: a GGUF converted
+# (or a checkpoint re-saved) under a newer transformers would otherwise hash anew and lose its
+# policies, as the embedded default did when transformers 5.25 came out.
+UNHASHED_CONFIG_KEYS = ("transformers_version",)
+# Bumped whenever what is hashed changes, so a fingerprint cached under the old rule is not reused.
+_FINGERPRINT_SCHEME = 2
+
+
+def _hashed_chunks(path: Path):
+    """What the fingerprint reads of one file: config.json as sorted JSON without
+    UNHASHED_CONFIG_KEYS, a weight file byte for byte (in 16 MiB chunks)."""
+    if path.name == "config.json":
+        config = json.loads(path.read_text())
+        yield json.dumps({k: v for k, v in config.items() if k not in UNHASHED_CONFIG_KEYS}, sort_keys=True).encode()
+        return
+    with open(path, "rb") as f:
+        yield from iter(lambda: f.read(1 << 24), b"")
+
+
 def model_fingerprint(model_dir: Path) -> str:
     """sha256 over the config and weight files: policies are bound to the exact weights they saw.
 
@@ -249,7 +268,7 @@ def model_fingerprint(model_dir: Path) -> str:
     names = _weight_files(model_dir)
     stats = [(str((model_dir / n).resolve()), os.stat(model_dir / n).st_size, os.stat(model_dir / n).st_mtime_ns)
              for n in names]
-    key = hashlib.sha256(json.dumps([names, stats]).encode()).hexdigest()[:32]
+    key = hashlib.sha256(json.dumps([_FINGERPRINT_SCHEME, names, stats]).encode()).hexdigest()[:32]
     memo = cache_dir() / "fingerprints" / f"{key}.json"
     try:
         return json.loads(memo.read_text())["fingerprint"]
@@ -258,9 +277,8 @@ def model_fingerprint(model_dir: Path) -> str:
     h = hashlib.sha256()
     for name in names:
         h.update(name.encode())
-        with open(model_dir / name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                h.update(chunk)
+        for chunk in _hashed_chunks(model_dir / name):
+            h.update(chunk)
     fingerprint = h.hexdigest()[:16]
     try:  # best effort: a read-only cache only costs the next process a re-hash
         memo.parent.mkdir(parents=True, exist_ok=True)
