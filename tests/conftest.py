@@ -5,6 +5,7 @@ import os
 import secrets
 import shutil
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,7 +170,7 @@ def ray_cluster(tmp_path_factory):
         import time
         import urllib.request
 
-        token = open(os.environ["RAY_AUTH_TOKEN_PATH"]).read().strip()
+        token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
         probe = urllib.request.Request(info["dashboard"] + "/api/version", headers={"Authorization": f"Bearer {token}"})
         for _ in range(60):  # the job API comes up a little after `ray start` returns
             try:

@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -56,7 +57,7 @@ def test_without_the_token_the_cluster_refuses(ray_cluster):
     r = subprocess.run(["ray", "job", "list", "--address", ray_cluster["dashboard"]], env={**env, "HOME": "/nonexistent"},
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "authentication" in (r.stdout + r.stderr).lower()
-    token = open(os.environ["RAY_AUTH_TOKEN_PATH"]).read().strip()
+    token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     ok = urllib.request.Request(ray_cluster["dashboard"] + "/api/jobs/", headers={"Authorization": f"Bearer {token}"})
     assert urllib.request.urlopen(ok, timeout=10).status == 200
     with pytest.raises(urllib.error.HTTPError) as e:

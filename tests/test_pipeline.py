@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -174,7 +175,7 @@ def test_the_package_version_has_one_source():
 
     import adainfer_ray
 
-    project = tomllib.loads(open(os.path.join(ROOT, "pyproject.toml")).read())
+    project = tomllib.loads(Path(ROOT, "pyproject.toml").read_text())
     assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "adainfer_ray.__version__"}
     assert adainfer_ray.__version__.count(".") == 2

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import traceback
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -504,7 +505,7 @@ def test_a_killed_run_resumes_where_it_stopped(tiny_model_dir, tmp_path):
         for f in glob.glob(str(out / "*.parquet")):
             try:
                 pq.ParquetFile(f)
-                kept[f] = open(f, "rb").read()
+                kept[f] = Path(f).read_bytes()
             except Exception:  # noqa: BLE001
                 pass
         before = written_rows(out)
@@ -522,7 +523,7 @@ def test_a_killed_run_resumes_where_it_stopped(tiny_model_dir, tmp_path):
     ids = read_output(out).column("id").to_pylist()
     assert len(ids) == n and len(set(ids)) == n  # the union holds each id exactly once
     for f, blob in kept.items():  # the first run's complete files are untouched: not labeled again
-        assert open(f, "rb").read() == blob
+        assert Path(f).read_bytes() == blob
     side = json.loads((out / SIDECAR_NAME).read_text())
     assert side["resumed_rows"] == before and side["rows_this_run"] == n - before and side["rows"] == n
     assert len(side["runs"]) == 2 and side["runs"][0].get("wall_s") is None  # the killed run: no time to count
@@ -556,10 +557,10 @@ def test_resume_drops_a_file_cut_short_and_keeps_complete_ones(ray_connected, ti
     assert all(labels[f"r{i}"] in ("negative", "positive") for i in range(40, 120))  # the cut file's rows redone
     assert run["resumed_rows"] == 40 and run["rows_this_run"] == 80 and run["rows"] == 120
 
-    files = {f: open(f, "rb").read() for f in glob.glob(str(out / "*.parquet"))}
+    files = {f: Path(f).read_bytes() for f in glob.glob(str(out / "*.parquet"))}
     run, logged = job(tiny_model_dir, tmp_path, tmp_path / "in.jsonl")  # once more: nothing is left to do
     assert any("nothing left to label" in line for line in logged)
-    assert {f: open(f, "rb").read() for f in glob.glob(str(out / "*.parquet"))} == files
+    assert {f: Path(f).read_bytes() for f in glob.glob(str(out / "*.parquet"))} == files
     assert run["rows_this_run"] == 0 and run["rows"] == 120
     assert [r["rows_this_run"] for r in run["runs"]] == [80, 0]  # the history of runs, each its own rows
 
