@@ -235,6 +235,9 @@ def calibrate(trace: dict, dims: ModelDims, prefix_tokens: int, num_labels: int,
                                                       seed=seed, lens_columns=lens_columns)
         log(f"  probes: L2 strength C = {probe_C:g}"
             + (" (of the grid, the lowest cross-fitted log-loss on the fit part)" if fixed_C is None else " (as given)"))
+        if probes.unconverged_layers_:
+            log(f"  probes: lbfgs stopped at {probes.max_iter} iterations on {len(probes.unconverged_layers_)} of "
+                f"{dims.layers} layers; those probes are used as they are (the test part checks the rule they feed)")
     cost_cache = {}
 
     def costs(mode, first_read_layer):  # per-exit FLOPs [n, L] and the full-depth baseline [n]

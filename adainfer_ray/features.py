@@ -14,6 +14,8 @@ top-2 probability (the paper's two features).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -58,18 +60,27 @@ class LinearProbes:
 
     def fit(self, hidden: np.ndarray, y: np.ndarray, num_labels: int) -> "LinearProbes":
         """hidden [n, L, D + K] probe inputs of the last token; y [n] full-depth label indices."""
+        from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
 
         n, L, D = hidden.shape
         self.coef_ = np.zeros((L, num_labels, D), dtype=np.float32)
         self.intercept_ = np.zeros((L, num_labels), dtype=np.float32)
+        self.unconverged_layers_ = []  # layers (0-based) where lbfgs stopped at max_iter
         present = np.unique(y)
         for layer in range(L):
             if len(present) < 2:  # a sample with one answer: the probe can only say that answer
                 self.intercept_[layer, present[0]] = 10.0
                 continue
             clf = LogisticRegression(C=self.C, max_iter=self.max_iter)
-            clf.fit(hidden[:, layer].astype(np.float32), y)
+            # A probe stopped at max_iter is still a probe: the test part checks the rule it feeds,
+            # so the promise does not depend on convergence. Said once by calibration, not as a
+            # warning per layer (AG News, 4 labels: one of the C grid's fits ran past 1,000).
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                clf.fit(hidden[:, layer].astype(np.float32), y)
+            if np.max(clf.n_iter_) >= self.max_iter:
+                self.unconverged_layers_.append(layer)
             coef, icpt = clf.coef_, clf.intercept_
             if len(present) == 2:  # sklearn stores binary problems as one row: expand to two
                 coef, icpt = np.concatenate([-coef / 2, coef / 2]), np.array([-icpt[0] / 2, icpt[0] / 2])

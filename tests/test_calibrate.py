@@ -10,6 +10,7 @@ import pytest
 from adainfer_ray import calibrate as cal
 from adainfer_ray import choice, probes, stats
 from adainfer_ray.engine import EarlyExitEngine
+from adainfer_ray.features import LinearProbes
 from adainfer_ray.exits import exit_answers, exit_costs, simulate_exits
 from adainfer_ray.flops import ModelDims, item_flops
 from adainfer_ray.policy import ExitPolicy, PolicyError
@@ -305,6 +306,18 @@ def test_the_label_logits_cost_the_probes_less_than_the_state_columns():
     # the scaling is folded back: the probes apply to raw inputs, as the engine feeds them
     fitted = probes.fit_probes(x[fit], y[fit], 2, C=0.003, lens_columns=1)
     assert abs(fitted.coef_[0, 1, -1] - fitted.coef_[0, 0, -1]) > 10 * np.abs(fitted.coef_[0, :, :-1]).max()
+
+
+def test_probes_that_stop_at_max_iter_say_so_once_instead_of_warning(recwarn):
+    """A normal run prints no warnings: lbfgs stopping early on a layer is recorded on the probes
+    (calibrate logs it in one line), not raised as a ConvergenceWarning per layer."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(120, 3, 20)).astype(np.float32)
+    y = rng.integers(0, 4, 120)  # noise in 20 dimensions at C = 100: far from converged after 2 steps
+    short = LinearProbes(C=100.0, max_iter=2).fit(x, y, 4)
+    assert short.unconverged_layers_ == [0, 1, 2]
+    assert LinearProbes(C=0.01).fit(x, y, 4).unconverged_layers_ == []
+    assert not [w for w in recwarn if "converge" in str(w.message)]
 
 
 def _candidate(saved_per_item, history):
