@@ -10,8 +10,8 @@ import pytest
 from adainfer_ray import calibrate as cal
 from adainfer_ray import choice, probes, stats
 from adainfer_ray.engine import EarlyExitEngine
-from adainfer_ray.features import LinearProbes
 from adainfer_ray.exits import exit_answers, exit_costs, simulate_exits
+from adainfer_ray.features import LinearProbes
 from adainfer_ray.flops import ModelDims, item_flops
 from adainfer_ray.policy import ExitPolicy, PolicyError
 from adainfer_ray.rules import decision_values

@@ -266,8 +266,8 @@ def model_fingerprint(model_dir: Path) -> str:
     keyed by each file's resolved path, size and mtime: any change to the weights hashes again."""
     model_dir = Path(model_dir)
     names = _weight_files(model_dir)
-    stats = [(str((model_dir / n).resolve()), os.stat(model_dir / n).st_size, os.stat(model_dir / n).st_mtime_ns)
-             for n in names]
+    stats = [(str((model_dir / n).resolve()), st.st_size, st.st_mtime_ns)
+             for n, st in ((n, os.stat(model_dir / n)) for n in names)]
     key = hashlib.sha256(json.dumps([_FINGERPRINT_SCHEME, names, stats]).encode()).hexdigest()[:32]
     memo = cache_dir() / "fingerprints" / f"{key}.json"
     try:
